@@ -1,0 +1,286 @@
+"""Streaming checkpoint export shared by ``ablate.upscale`` and ``ablate.moe``.
+
+A variant is written by copying byte ranges from the source's safetensors shards into
+new shards, under new tensor names, without ever materialising a tensor: peak memory
+is a fixed copy buffer plus the interpreter, whatever the checkpoint's size. The
+``safetensors`` library has no incremental writer (``save_file`` needs every tensor of a
+shard in memory), so the file format is written here: an 8-byte little-endian header
+length, a JSON header of dtypes, shapes and byte offsets, then the raw tensor bytes.
+
+The output folder appears only when complete (:func:`ablate.fsutil.atomic_dir`).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ablate.checkpoint import read_config_dict
+from ablate.errors import UserError
+from ablate.fsutil import atomic_dir, atomic_write_json
+
+__all__ = [
+    "Source", "TensorRef", "TensorBytes", "resolve_source", "load_config", "renamed_tensors",
+    "write_checkpoint", "mergekit_passthrough_yaml", "parse_size",
+]
+
+COPY_CHUNK = 16 * 2**20  # bytes per read when copying a tensor: bounds peak memory
+# Files of a source checkpoint that a variant must not inherit: weights, their index,
+# the config (rewritten) and our own records (rewritten).
+SKIP_FILES = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.h5|\.msgpack)$|"
+                        r"^(config\.json|model\.safetensors\.index\.json|ablate\.json|mergekit\.yaml)$")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor stored in a safetensors file: ``[start, end)`` bytes from the file's start."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class TensorBytes:
+    """A new tensor given as raw little-endian bytes (for example a fresh MoE router)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A local checkpoint folder and the byte location of every tensor in its shards."""
+
+    folder: Path
+    tensors: dict[str, TensorRef]
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
+    """The tensors of one safetensors file, located by byte range."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise UserError(f"{path} is not a safetensors file (too short)")
+        (size,) = struct.unpack("<Q", raw)
+        try:
+            header = json.loads(f.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"{path} is not a safetensors file (bad header)") from None
+    base = 8 + size
+    return {
+        name: TensorRef(path, info["dtype"], tuple(info["shape"]), base + info["data_offsets"][0],
+                        base + info["data_offsets"][1])
+        for name, info in header.items()
+        if name != "__metadata__"
+    }
+
+
+def resolve_source(src: str) -> Source:
+    """A local checkpoint folder (or a hub id, downloaded when online) with safetensors weights."""
+    path = Path(src).expanduser()
+    if not path.exists() and not src.startswith((".", "/", "~")) and src.count("/") == 1:
+        path = _download(src)
+    read_config_dict(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+            raise UserError(f"{path} holds only pickled weights (.bin); convert them to safetensors first")
+        raise UserError(f"{path} has a config.json but no *.safetensors weights")
+    tensors: dict[str, TensorRef] = {}
+    for file in files:
+        tensors.update(read_safetensors_header(file))
+    return Source(path, tensors)
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except Exception as exc:  # offline, unknown repo, gated: all one answer for the user
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"{repo_id!r} is not a local folder and could not be fetched from the Hugging Face Hub "
+            f"({reason}); check the name or download it and pass the folder"
+        ) from None
+
+
+def load_config(source: Source, *, supported: Iterable[str] | None = None):
+    """The source's transformers config; an unknown or unsupported architecture is a UserError."""
+    from transformers import AutoConfig
+
+    raw = read_config_dict(source.folder)
+    model_type = raw.get("model_type")
+    if supported is not None and model_type not in supported:
+        raise UserError(
+            f"{source.folder} is a {model_type!r} model; supported architectures: {', '.join(supported)}"
+        )
+    try:
+        config = AutoConfig.from_pretrained(source.folder, trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as exc:
+        raise UserError(f"{source.folder}: unsupported or broken config ({str(exc).splitlines()[0]})") from None
+    if not any(name.startswith("model.layers.") for name in source.tensors):
+        raise UserError(
+            f"{source.folder} ({model_type}) has no model.layers.* tensors; only decoder-only "
+            "causal LMs in the Llama layout are supported"
+        )
+    return config
+
+
+def _natural_key(name: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def renamed_tensors(source: Source, rename: Callable[[str], list[str]]) -> dict[str, TensorRef]:
+    """Map each source tensor to zero or more output names, ordered naturally by name."""
+    out: dict[str, TensorRef] = {}
+    for name, ref in source.tensors.items():
+        for new in rename(name):
+            out[new] = ref
+    return dict(sorted(out.items(), key=lambda item: _natural_key(item[0])))
+
+
+def parse_size(text: str) -> int:
+    """``"2GB"`` -> bytes (decimal units, as Hugging Face's ``max_shard_size``)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", str(text).upper())
+    if not match:
+        raise UserError(f"shard size {text!r} is not a size like 500MB or 2GB")
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[match.group(2)]
+    return int(float(match.group(1)) * scale)
+
+
+def _plan_shards(tensors: dict, max_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in tensors.items():
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += t.nbytes
+    return shards
+
+
+def _write_shard(path: Path, names: list[str], tensors: dict, bar) -> None:
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        header[name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned, as safetensors does
+    handles: dict[Path, object] = {}
+    try:
+        with open(path, "wb") as out:
+            out.write(struct.pack("<Q", len(blob)))
+            out.write(blob)
+            for name in names:
+                t = tensors[name]
+                if isinstance(t, TensorBytes):
+                    out.write(t.data)
+                else:
+                    f = handles.get(t.file) or handles.setdefault(t.file, open(t.file, "rb"))
+                    f.seek(t.start)
+                    left = t.nbytes
+                    while left:
+                        chunk = f.read(min(COPY_CHUNK, left))
+                        if not chunk:
+                            raise UserError(f"{t.file} is truncated: tensor {name} runs past its end")
+                        out.write(chunk)
+                        left -= len(chunk)
+                bar.update(t.nbytes)
+    finally:
+        for f in handles.values():
+            f.close()
+
+
+def write_checkpoint(source: Source, out: str | os.PathLike, config, tensors: dict, *,
+                     extra_files: dict[str, str] | None = None, record: dict | None = None,
+                     force: bool = False, max_shard_size: str = "2GB", progress: bool = True) -> Path:
+    """Write a complete HF checkpoint: config, safetensors shards (+ index), tokenizer files.
+
+    Small files of the source (tokenizer, generation config, chat template) are copied.
+    ``extra_files`` are written as text; ``record`` becomes ``ablate.json``.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out).expanduser()
+    max_bytes = parse_size(max_shard_size)
+    if out.exists() and not force:
+        raise UserError(f"output folder {out} already exists; choose another --out or pass --force")
+    if out.resolve() == source.folder.resolve():
+        raise UserError(f"output folder {out} is the source checkpoint; choose another --out")
+    parent = out.parent if out.parent != Path("") else Path(".")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise UserError(f"cannot write to {parent} (permission denied); choose another --out")
+    shards = _plan_shards(tensors, max_bytes)
+    total = sum(t.nbytes for t in tensors.values())
+    try:
+        with atomic_dir(out, overwrite=force) as tmp:
+            config.save_pretrained(tmp)
+            weight_map: dict[str, str] = {}
+            with tqdm(total=total, unit="B", unit_scale=True, desc="writing shards", disable=not progress) as bar:
+                for k, names in enumerate(shards, 1):
+                    fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors"
+                    _write_shard(tmp / fname, names, tensors, bar)
+                    weight_map.update(dict.fromkeys(names, fname))
+            if len(shards) > 1:
+                atomic_write_json(tmp / "model.safetensors.index.json",
+                                  {"metadata": {"total_size": total}, "weight_map": weight_map})
+            for item in sorted(source.folder.iterdir()):
+                if item.is_file() and not SKIP_FILES.search(item.name):
+                    shutil.copy2(item, tmp / item.name)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
+            if record is not None:
+                atomic_write_json(tmp / "ablate.json", record)
+    except PermissionError as exc:
+        raise UserError(f"cannot write {out}: permission denied ({exc.filename}); choose another --out") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise UserError(f"no space left on the device while writing {out}; free space or choose another --out") \
+                from None
+        raise
+    return out
+
+
+def mergekit_passthrough_yaml(src: str, n: int, m: int, config) -> str:
+    """mergekit ``passthrough`` recipe for DUS(src, m): ``mergekit-yaml mergekit.yaml OUT``."""
+    import yaml
+
+    from ablate.plan import mergekit_slices
+
+    doc = {
+        "slices": [{"sources": [{"model": src, "layer_range": [a, b]}]} for a, b in mergekit_slices(n, m)],
+        "merge_method": "passthrough",
+        "dtype": _dtype_name(config),
+    }
+    head = f"# DUS of {src}: n={n}, m={m}, s={2 * (n - m)} layers. Rebuild: mergekit-yaml mergekit.yaml OUT\n"
+    return head + yaml.safe_dump(doc, sort_keys=False)
+
+
+def _dtype_name(config) -> str:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+    return str(dtype).removeprefix("torch.")
+

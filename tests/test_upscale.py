@@ -1,0 +1,152 @@
+"""Depth up-scaling in memory: exactness at m = n/2, SOLAR's stack, independence of copies,
+KV-cache consistency, per-layer config, HF save/load round trip, meta-device parameter counts."""
+
+import pytest
+import torch
+from conftest import FAMILIES, tiny_config, tiny_model
+from transformers import AutoModelForCausalLM, MistralConfig
+
+from ablate.errors import UserError
+from ablate.params import count_params
+from ablate.plan import layer_plan
+from ablate.upscale import depth_upscale
+
+N = 4
+
+
+def inputs(seed=0, length=20, vocab=96):
+    return torch.randint(0, vocab, (2, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_half_depth_reproduces_the_base_exactly(family):
+    base = tiny_model(family, N)
+    variant = depth_upscale(base, N // 2)
+    x = inputs()
+    with torch.no_grad():
+        assert torch.equal(variant(x).logits, base(x).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("m", [0, 1, 3])
+def test_layers_are_independent_copies_in_solar_order(family, m):
+    base = tiny_model(family, N)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    variant = depth_upscale(base, m)
+    plan = layer_plan(N, m)
+    assert len(variant.model.layers) == variant.config.num_hidden_layers == 2 * (N - m)
+    assert len(base.model.layers) == base.config.num_hidden_layers == N
+    for j, i in enumerate(plan):
+        got, want = variant.model.layers[j].state_dict(), base.model.layers[i].state_dict()
+        assert got.keys() == want.keys()
+        for key in got:
+            assert torch.equal(got[key], want[key])
+            assert got[key].data_ptr() != want[key].data_ptr()
+        assert variant.model.layers[j].self_attn.layer_idx == j
+    # Training one copy must not move another copy of the same base layer, nor the base.
+    with torch.no_grad():
+        variant.model.layers[0].mlp.up_proj.weight.add_(1.0)
+    twin = plan.index(0, 1) if plan.count(0) > 1 else None
+    if twin is not None:
+        assert torch.equal(variant.model.layers[twin].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+    for key, value in base.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("m", [0, 1, 2, 3])
+def test_kv_cache_generation_matches_full_forward(family, m):
+    """Greedy decoding with the cache equals decoding without it, token for token and logit for logit.
+
+    The prompt plus new tokens (26) exceed the sliding window (16) of the Mistral and Qwen2 configs.
+    """
+    variant = depth_upscale(tiny_model(family, N), m)
+    prompt = inputs(1, 10)
+    kwargs = dict(max_new_tokens=16, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                  attention_mask=torch.ones_like(prompt), pad_token_id=0)
+    with torch.no_grad():
+        cached = variant.generate(prompt, use_cache=True, **kwargs)
+        fresh = variant.generate(prompt, use_cache=False, **kwargs)
+        full = variant(cached.sequences).logits
+    assert torch.equal(cached.sequences, fresh.sequences)
+    for step, (a, b) in enumerate(zip(cached.logits, fresh.logits)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a, full[:, prompt.shape[1] - 1 + step], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_equals_a_model_built_with_that_many_layers(family):
+    """A fresh model of the new config, loaded with the variant's weights, behaves identically."""
+    variant = depth_upscale(tiny_model(family, N), 1)
+    rebuilt = AutoModelForCausalLM.from_config(variant.config).eval()
+    rebuilt.load_state_dict(variant.state_dict())
+    x = inputs(2)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x).logits, variant(x).logits)
+
+
+def test_qwen2_layer_types_follow_the_plan():
+    base = tiny_model("qwen2", N)  # max_window_layers=2: layers 2, 3 use sliding attention
+    assert base.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    variant = depth_upscale(base, 1)  # plan 0 1 2 1 2 3
+    assert variant.config.layer_types == [base.config.layer_types[i] for i in [0, 1, 2, 1, 2, 3]]
+    assert [layer.self_attn.sliding_window for layer in variant.model.layers] == [None, None, 16, None, 16, 16]
+    assert base.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_pretrained_round_trip(family, tmp_path):
+    variant = depth_upscale(tiny_model(family, N), 0)
+    variant.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.num_hidden_layers == 2 * N
+    assert getattr(loaded.config, "layer_types", None) == getattr(variant.config, "layer_types", None)
+    x = inputs(3)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, variant(x).logits)
+
+
+def test_tied_embeddings_stay_tied_within_the_copy():
+    base = tiny_model("llama", N, tie_word_embeddings=True)
+    variant = depth_upscale(base, 1)
+    assert variant.lm_head.weight is variant.model.embed_tokens.weight
+    assert variant.lm_head.weight is not base.lm_head.weight
+
+
+def test_keeps_dtype_and_device():
+    base = tiny_model("llama", N).to(torch.bfloat16)
+    variant = depth_upscale(base, 1)
+    assert {p.dtype for p in variant.parameters()} == {torch.bfloat16}
+    assert {p.device.type for p in variant.parameters()} == {"cpu"}
+
+
+def test_solar_parameter_count_on_the_meta_device():
+    with torch.device("meta"):
+        mistral = AutoModelForCausalLM.from_config(MistralConfig())
+    assert count_params(mistral) == {"total": 7_241_732_096, "active": 7_241_732_096}
+    solar = depth_upscale(mistral, 8)
+    assert solar.config.num_hidden_layers == 48
+    assert count_params(solar)["total"] == 10_731_524_096
+    assert next(solar.parameters()).device.type == "meta"
+
+
+@pytest.mark.parametrize("m", [-1, N, N + 3])
+def test_out_of_range_m_is_a_user_error(m):
+    with pytest.raises(UserError, match=f"m={m}.*n={N}"):
+        depth_upscale(tiny_model("llama", N), m)
+
+
+def test_unsupported_per_layer_config_field_is_refused():
+    config = tiny_config("llama", N)
+    config.mystery_per_layer = [1] * N
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(UserError, match="mystery_per_layer"):
+        depth_upscale(model, 1)
+
+
+def test_model_without_decoder_layers_is_refused():
+    class NotADecoder(torch.nn.Module):
+        config = tiny_config("llama", N)
+
+    with pytest.raises(UserError, match="model.model.layers"):
+        depth_upscale(NotADecoder(), 1)
