@@ -1,0 +1,261 @@
+"""The study configuration: one validated schema for every ``studies/*.yaml``.
+
+Unknown keys are errors, every field carries a description, and a validation error
+names the key path that is wrong (``train.lr: ...``). ``--set key.path=value``
+overrides are applied to the YAML before validation, their values parsed as YAML.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ablate.data import DataSource, parse_source
+from ablate.errors import UserError
+from ablate.evaluate import ObjectiveConfig
+from ablate.train import TrainConfig
+
+__all__ = ["StudyConfig", "BaseConfig", "load_study_config", "parse_config", "DEFAULT_CONFIG"]
+
+DEFAULT_CONFIG = Path(__file__).parent / "studies" / "default.yaml"
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BaseConfig(Strict):
+    """One base model of the study."""
+
+    model: str = Field(description="A zoo name (python -m ablate.zoo list), a local HF checkpoint folder, "
+                       "or a hub id such as HuggingFaceTB/SmolLM2-135M.")
+    label: str | None = Field(None, description="Short name in tables and plots; default: the model's last "
+                              "path component.")
+    m: list[int] | None = Field(None, description="The m values to try (layers removed from each copy). "
+                                "Default: the up-scaling range 0..n/2, where n/2 is the unchanged base.")
+
+    @field_validator("m")
+    @classmethod
+    def _m_values(cls, value):
+        if value is not None:
+            if not value:
+                raise ValueError("the m list is empty; list at least one m, or remove the key for 0..n/2")
+            if len(set(value)) != len(value):
+                raise ValueError(f"the m list {value} repeats a value")
+        return value
+
+    @property
+    def name(self) -> str:
+        return self.label or Path(self.model.rstrip("/")).name
+
+
+class MoEConfig(Strict):
+    """The Mixtral-style upcycle baseline."""
+
+    experts: int = Field(4, ge=1, description="Experts per layer, each a copy of the base MLP.")
+    top_k: int = Field(2, ge=1, description="Experts used per token.")
+    router_std: float | None = Field(None, gt=0, description="Router init std; default the base model's "
+                                     "initializer_range.")
+    expert_noise: float = Field(0.0, ge=0, description="Relative noise on expert copies to break their "
+                                "symmetry (0: the upcycle starts as exactly the base).")
+
+    @model_validator(mode="after")
+    def _k(self):
+        if self.top_k > self.experts:
+            raise ValueError(f"top_k={self.top_k} exceeds experts={self.experts}")
+        return self
+
+
+class MethodsConfig(Strict):
+    """Which arms the study compares."""
+
+    dus: bool = Field(True, description="Depth up-scaling over the m range of each base.")
+    moe: MoEConfig | None = Field(default_factory=MoEConfig, description="The MoE upcycle baseline; null "
+                                  "to leave it out.")
+
+
+class DataConfig(Strict):
+    """CPT and held-out text."""
+
+    source: DataSource = Field(default_factory=lambda: DataSource(kind="synthetic"),
+                               description="'synthetic', a local path, 'hf:org/name[:config]', or a mapping "
+                               "of DataSource fields.")
+    seq_len: int = Field(128, gt=1, description="Tokens per training row.")
+    val_tokens: int = Field(16_384, gt=0, description="Held-out tokens for the validation loss and perplexity.")
+    seed: int = Field(0, ge=0, description="Seed of the data order (the same for every trial).")
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _source(cls, value):
+        return parse_source(value) if isinstance(value, str) else value
+
+
+class EvalConfig(Strict):
+    """The fast evaluation after CPT."""
+
+    synthetic_tasks: bool = Field(True, description="Evaluate on the built-in synthetic tasks (one per "
+                                  "difficulty level k).")
+    tasks: list[str] = Field(default_factory=list, description="lm-eval task names, e.g. the H6 set.")
+    subset: int | None = Field(100, gt=0, description="Items per task: a fixed random subset, the same for "
+                               "every trial (never the first N). null: every item.")
+    subset_seed: int = Field(0, ge=0, description="Seed of the fixed subset.")
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples; null: each task's default.")
+    batch_size: int = Field(32, gt=0, description="lm-eval batch size.")
+    objective: ObjectiveConfig = Field(default_factory=lambda: ObjectiveConfig(kind="val_loss"),
+                                       description="The single value Optuna optimises.")
+
+
+class SamplerConfig(Strict):
+    """How trials pick (base, method, m, repeat)."""
+
+    kind: Literal["tpe", "random", "grid"] = Field(
+        "tpe", description="tpe: Optuna's TPE; random: uniform; grid: every configuration, in random order.")
+    seed: int = Field(0, ge=0, description="Sampler seed.")
+
+
+class PrunerConfig(Strict):
+    """Early stopping of hopeless trials from their held-out loss during CPT."""
+
+    kind: Literal["none", "median"] = Field("median", description="median: Optuna's MedianPruner.")
+    startup_trials: int = Field(5, ge=0, description="Trials that always run to the end before pruning starts.")
+    warmup_evals: int = Field(2, ge=0, description="Evaluations of a trial before it may be pruned (the "
+                              "loss of a fresh variant first jumps, then recovers).")
+
+
+class StudyConfig(Strict):
+    """A whole study: which bases and arms, on what data and budget, scored how."""
+
+    name: str = Field(description="Study name: letters, digits, '.', '_', '-' (it names a folder).")
+    description: str = Field("", description="The question the study asks.")
+    bases: list[BaseConfig] = Field(min_length=1, description="Base models.")
+    methods: MethodsConfig = Field(default_factory=MethodsConfig, description="Arms to compare.")
+    data: DataConfig = Field(default_factory=DataConfig, description="CPT and held-out text.")
+    train: TrainConfig = Field(description="CPT settings; tokens is the budget shared by every arm.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation after CPT.")
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="Trial sampler.")
+    pruner: PrunerConfig = Field(default_factory=PrunerConfig, description="Trial pruner.")
+    repeats: int = Field(1, ge=1, description="Seeds per configuration (base, method, m).")
+    trust_remote_code: bool = Field(False, description="Allow hub models' own code (off: only transformers' "
+                                    "built-in architectures run).")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value):
+        if not NAME.match(value):
+            raise ValueError(f"study name {value!r} must be letters, digits, '.', '_' or '-' (no path separators)")
+        if value in {".", ".."}:
+            raise ValueError("study name cannot be '.' or '..'")
+        return value
+
+    @model_validator(mode="after")
+    def _arms(self):
+        if not self.methods.dus and self.methods.moe is None:
+            raise ValueError("methods: both dus and moe are off; enable at least one")
+        labels = [b.name for b in self.bases]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"bases: labels {labels} repeat; give each base a distinct label")
+        return self
+
+
+def _set(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        if isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            node = node[int(key)]
+            continue
+        if not isinstance(node, dict):
+            raise UserError(f"--set {dotted}: {key!r} is not inside a mapping")
+        node = node.setdefault(key, {})
+    last = keys[-1]
+    if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise UserError(f"--set {dotted}: cannot set {last!r} there")
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Apply ``key.path=value`` overrides; values are parsed as YAML (``1e-3`` becomes a float)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {item!r} is not key.path=value (e.g. --set train.lr=1e-3)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, str):
+            value = _number(value)
+        _set(tree, key.strip(), value)
+    return tree
+
+
+def _number(text: str):
+    """PyYAML reads ``1e-5`` (no dot) as a string; numbers written so are numbers here."""
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return int(value) if value.is_integer() and re.fullmatch(r"[+-]?\d+", text.strip()) else value
+
+
+def _coerce_numbers(node):
+    if isinstance(node, dict):
+        return {k: _coerce_numbers(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_coerce_numbers(v) for v in node]
+    if isinstance(node, str) and re.fullmatch(r"\s*[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+\s*", node):
+        return float(node)
+    return node
+
+
+def format_error(exc: ValidationError, where: str) -> str:
+    """The first validation error as one line naming the key path, plus how many more there are."""
+    errors = exc.errors()
+    first = errors[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (check its spelling against the schema in ablate/config.py)"
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    got = first.get("input")
+    shown = "" if first["type"] in {"missing", "extra_forbidden"} or isinstance(got, (dict, list)) else f" (got {got!r})"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: {loc}: {msg}{shown}{more}"
+
+
+def parse_config(tree: object, where: str = "config") -> StudyConfig:
+    """Validate a parsed YAML tree; a UserError names the key that is wrong."""
+    if not isinstance(tree, dict):
+        raise UserError(f"{where}: the top level must be a mapping of keys (name, bases, train, ...)")
+    try:
+        return StudyConfig.model_validate(_coerce_numbers(tree))
+    except ValidationError as exc:
+        raise UserError(format_error(exc, where)) from None
+
+
+def load_study_config(path: str | Path | None = None, overrides: list[str] | None = None) -> StudyConfig:
+    """Read a study YAML (default: the packaged default study), apply overrides, validate."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise UserError(f"study config {path} does not exist; pass --config PATH to a studies/*.yaml file")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{path} is not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
+    tree = apply_overrides(tree if isinstance(tree, dict) else {}, overrides or []) if overrides else tree
+    config = parse_config(tree, str(path))
+    if not math.isfinite(config.train.lr):
+        raise UserError(f"{path}: train.lr must be a finite number")
+    return config

@@ -1,0 +1,215 @@
+"""The search space of a study and a sampler that never repeats a configuration.
+
+A configuration (an :class:`Arm`) is (base, method, m, repeat). Trials draw it with
+``trial.suggest_*`` in exactly one place, :meth:`SearchSpace.suggest`. The space is
+finite, so samplers like TPE happily propose a configuration that already ran;
+:class:`NoRepeatSampler` wraps any Optuna sampler and moves such a proposal to the
+nearest value that still leads to an unrun configuration, so a study of N trials runs N
+distinct configurations (repeats add seeds, not duplicates).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import optuna
+from optuna.distributions import CategoricalDistribution, IntDistribution
+from optuna.samplers import BaseSampler
+from optuna.trial import TrialState
+
+from ablate.config import StudyConfig
+
+__all__ = ["Arm", "SearchSpace", "NoRepeatSampler", "make_sampler", "make_pruner", "enqueue_controls"]
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One configuration: a base, a method ("dus" or "moe"), m (DUS only) and a repeat index."""
+
+    base: str
+    method: str
+    m: int | None
+    repeat: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _m_distribution(values: list[int]):
+    values = sorted(values)
+    steps = {b - a for a, b in zip(values, values[1:])}
+    if len(steps) <= 1:
+        return IntDistribution(values[0], values[-1], step=steps.pop() if steps else 1)
+    return CategoricalDistribution(values)
+
+
+class SearchSpace:
+    """The finite set of configurations of a study, and the mapping to Optuna parameters."""
+
+    def __init__(self, config: StudyConfig, depths: dict[str, int]):
+        self.config = config
+        self.depths = depths  # base label -> n (its number of layers)
+        self.methods = (["dus"] if config.methods.dus else []) + (["moe"] if config.methods.moe else [])
+        self.m_values = {b.name: sorted(b.m) if b.m is not None else list(range(depths[b.name] // 2 + 1))
+                         for b in config.bases}
+
+    def m_param(self, base: str) -> str:
+        return f"m_{base}"
+
+    def suggest(self, trial: optuna.trial.BaseTrial) -> Arm:
+        """Draw a configuration: the only place a study calls ``trial.suggest_*``."""
+        labels = [b.name for b in self.config.bases]
+        base = trial.suggest_categorical("base", labels)
+        method = trial.suggest_categorical("method", self.methods) if len(self.methods) > 1 else self.methods[0]
+        m = None
+        if method == "dus":
+            dist = _m_distribution(self.m_values[base])
+            if isinstance(dist, IntDistribution):
+                m = trial.suggest_int(self.m_param(base), dist.low, dist.high, step=dist.step)
+            else:
+                m = trial.suggest_categorical(self.m_param(base), dist.choices)
+        repeats = self.config.repeats
+        repeat = trial.suggest_int("repeat", 0, repeats - 1) if repeats > 1 else 0
+        return Arm(base, method, m, repeat)
+
+    def params(self, arm: Arm) -> dict:
+        """The Optuna parameters that make :meth:`suggest` return ``arm`` (for ``enqueue_trial``)."""
+        out: dict = {"base": arm.base}
+        if len(self.methods) > 1:
+            out["method"] = arm.method
+        if arm.method == "dus":
+            out[self.m_param(arm.base)] = arm.m
+        if self.config.repeats > 1:
+            out["repeat"] = arm.repeat
+        return out
+
+    def arms(self) -> list[Arm]:
+        """Every configuration of the study."""
+        out = []
+        for b in self.config.bases:
+            for method in self.methods:
+                for m in self.m_values[b.name] if method == "dus" else [None]:
+                    out.extend(Arm(b.name, method, m, r) for r in range(self.config.repeats))
+        return out
+
+    def arm_of(self, params: dict) -> Arm | None:
+        """The configuration a complete set of parameters names (None if incomplete)."""
+        base = params.get("base")
+        if base is None:
+            return None
+        method = params.get("method", self.methods[0] if len(self.methods) == 1 else None)
+        m = params.get(self.m_param(base)) if method == "dus" else None
+        if method is None or (method == "dus" and m is None):
+            return None
+        return Arm(base, method, m, params.get("repeat", 0))
+
+    def taken(self, study: optuna.Study, exclude: int | None = None) -> set[Arm]:
+        """Configurations that ran, are running or are queued (a crashed trial's is free again).
+
+        A trial that failed with a recorded reason (divergence, a broken variant) keeps its
+        configuration: rerunning it would fail the same way. One that died without a
+        reason (killed, stale) gives its configuration back.
+        """
+        out = set()
+        for t in study.get_trials(deepcopy=False):
+            if t.number == exclude:
+                continue
+            if t.state == TrialState.FAIL and "fail_reason" not in t.user_attrs:
+                continue
+            params = dict(t.params)
+            if t.state == TrialState.WAITING:
+                params.update(t.system_attrs.get("fixed_params", {}))
+            arm = self.arm_of(params)
+            if arm is not None:
+                out.add(arm)
+        return out
+
+    def open_values(self, partial: dict, name: str, taken: set[Arm]) -> list:
+        """Values of parameter ``name`` that, given ``partial``, still reach an untaken configuration."""
+        values = []
+        for arm in self.arms():
+            if arm in taken:
+                continue
+            p = self.params(arm)
+            if name in p and all(p.get(k) == v for k, v in partial.items() if k in p) and \
+                    all(k in p for k in partial):
+                values.append(p[name])
+        return sorted(set(values), key=lambda v: (str(type(v)), v))
+
+
+def _nearest(values: list, proposal):
+    if isinstance(proposal, (int, float)) and all(isinstance(v, (int, float)) for v in values):
+        return min(values, key=lambda v: (abs(v - proposal), v))
+    return values[0]
+
+
+class NoRepeatSampler(BaseSampler):
+    """Wraps a sampler; moves a proposal that would repeat a configuration to the nearest open value."""
+
+    def __init__(self, base: BaseSampler, space: SearchSpace):
+        self.base = base
+        self.space = space
+
+    def infer_relative_search_space(self, study, trial):
+        return {}  # independent sampling only: each value is checked as it is drawn
+
+    def sample_relative(self, study, trial, search_space):
+        return {}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        proposal = self.base.sample_independent(study, trial, param_name, param_distribution)
+        open_values = self.space.open_values(dict(trial.params), param_name,
+                                             self.space.taken(study, exclude=trial.number))
+        if not open_values or proposal in open_values:
+            return proposal
+        return _nearest(open_values, proposal)
+
+    def before_trial(self, study, trial):
+        self.base.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values):
+        self.base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()
+
+
+def make_sampler(config: StudyConfig, space: SearchSpace) -> BaseSampler:
+    kind, seed = config.sampler.kind, config.sampler.seed
+    base = optuna.samplers.TPESampler(seed=seed) if kind == "tpe" else optuna.samplers.RandomSampler(seed=seed)
+    return NoRepeatSampler(base, space)
+
+
+def make_pruner(config: StudyConfig):
+    if config.pruner.kind == "none":
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=config.pruner.startup_trials,
+                                       n_warmup_steps=config.pruner.warmup_evals)
+
+
+def controls(space: SearchSpace) -> list[Arm]:
+    """The configurations every study runs first, for every base: the unchanged base
+    (m = n/2, same CPT), the MoE upcycle (same CPT), and SOLAR's m = n/4."""
+    out = []
+    for b in space.config.bases:
+        n = space.depths[b.name]
+        if "dus" in space.methods and n // 2 in space.m_values[b.name] and n % 2 == 0:
+            out.append(Arm(b.name, "dus", n // 2, 0))
+        if "moe" in space.methods:
+            out.append(Arm(b.name, "moe", None, 0))
+    for b in space.config.bases:
+        n = space.depths[b.name]
+        if "dus" in space.methods and n % 4 == 0 and n // 4 in space.m_values[b.name]:
+            out.append(Arm(b.name, "dus", n // 4, 0))
+    return out
+
+
+def enqueue_controls(study: optuna.Study, space: SearchSpace) -> list[Arm]:
+    """Queue the controls that have not run yet (safe to call on every start)."""
+    queued = []
+    taken = space.taken(study)
+    for arm in controls(space):
+        if arm not in taken:
+            study.enqueue_trial(space.params(arm), skip_if_exists=True)
+            queued.append(arm)
+    return queued

@@ -1,0 +1,81 @@
+"""The readable end-of-study summary: per base, the best m against the controls.
+
+Printed with ``rich`` from the same table ``ablate.results`` writes; returns it as a
+dict too (tests and scripts read that instead of the terminal).
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+__all__ = ["summarize", "print_summary"]
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(rows: list[dict], direction: str) -> dict:
+    """Per base: objective by m (mean, sd, count), the best m, the control (m = n/2) and MoE scores."""
+    better = min if direction == "minimize" else max
+    out: dict = {}
+    for base in sorted({r["base"] for r in rows if r["base"] is not None}):
+        mine = [r for r in rows if r["base"] == base]
+        done = [r for r in mine if r["state"] == "complete" and r["objective"] is not None]
+        by_m: dict[int, list[float]] = {}
+        for r in done:
+            if r["method"] == "dus":
+                by_m.setdefault(int(r["m"]), []).append(float(r["objective"]))
+        n = next((r["n"] for r in mine if r["n"] is not None), None)
+        moe = [float(r["objective"]) for r in done if r["method"] == "moe"]
+        table = {m: _mean_sd(v) + (len(v),) for m, v in sorted(by_m.items())}
+        best = better(table, key=lambda m: table[m][0]) if table else None
+        out[base] = {
+            "n": n, "by_m": table, "best_m": best, "best": table[best][0] if best is not None else None,
+            "control": table.get(n // 2, (None,))[0] if n is not None and n % 2 == 0 else None,
+            "moe": _mean_sd(moe)[0] if moe else None,
+            "complete": sum(r["state"] == "complete" for r in mine),
+            "pruned": sum(r["state"] == "pruned" for r in mine),
+            "failed": sum(r["state"] == "fail" for r in mine),
+        }
+    return out
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def print_summary(study, space, study_dir: Path) -> dict:
+    """Print the summary of an Optuna study and return :func:`summarize`'s dict."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ablate.results import trial_rows
+
+    direction = study.direction.name.lower()
+    summary = summarize(trial_rows(study), direction)
+    console = Console()
+    objective = space.config.eval.objective
+    console.print(f"\n[bold]Study {study.study_name}[/bold]: objective {objective.describe()} "
+                  f"({'lower' if direction == 'minimize' else 'higher'} is better); results in {study_dir}")
+    for base, s in summary.items():
+        table = Table(title=f"{base} (n={s['n']}): objective by m after the same CPT")
+        for col in ("m", "s (layers)", "objective mean", "sd", "trials", "note"):
+            table.add_column(col, justify="right")
+        for m, (mean, sd, count) in s["by_m"].items():
+            note = []
+            if s["n"] is not None and s["n"] % 2 == 0 and m == s["n"] // 2:
+                note.append("control (= base)")
+            if s["n"] is not None and s["n"] % 4 == 0 and m == s["n"] // 4:
+                note.append("SOLAR's n/4")
+            if m == s["best_m"]:
+                note.append("best")
+            table.add_row(str(m), str(2 * (s["n"] - m)) if s["n"] else "-", _fmt(mean), _fmt(sd), str(count),
+                          ", ".join(note))
+        console.print(table)
+        console.print(f"  best m = {s['best_m']} ({_fmt(s['best'])}); control {_fmt(s['control'])}; "
+                      f"MoE upcycle {_fmt(s['moe'])}; trials: {s['complete']} complete, {s['pruned']} pruned, "
+                      f"{s['failed']} failed")
+    return summary

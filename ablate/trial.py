@@ -1,0 +1,185 @@
+"""One trial of a study: build the variant, continue pretraining it, evaluate it.
+
+:class:`Workspace` holds what every trial of a worker shares (base models, packed data,
+the evaluation tasks), loaded once. :func:`run_trial` turns an :class:`~ablate.search.Arm`
+into a record of numbers; the Optuna bookkeeping lives in :mod:`ablate.objective`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ablate.config import StudyConfig
+from ablate.errors import UserError
+
+__all__ = ["TrialFailed", "Workspace", "run_trial", "base_depth", "environment"]
+
+
+class TrialFailed(Exception):
+    """A trial that cannot give a result (non-finite loss, a broken variant); the study goes on."""
+
+
+def base_depth(spec: str, *, trust_remote_code: bool = False) -> int:
+    """Number of decoder layers of a base-model spec, without loading its weights."""
+    from ablate import zoo
+
+    if spec in zoo.ZOO:
+        return zoo.ZOO[spec].num_layers
+    from ablate.checkpoint import is_local_checkpoint, read_config_dict
+
+    if is_local_checkpoint(spec):
+        raw = read_config_dict(spec)
+        n = raw.get("num_hidden_layers") or raw.get("text_config", {}).get("num_hidden_layers")
+        if not n:
+            raise UserError(f"{spec}: config.json has no num_hidden_layers; is it a decoder-only causal LM?")
+        return int(n)
+    zoo.check_spec(spec)  # an unknown name that is no path nor hub id: one line listing the zoo
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code).num_hidden_layers
+    except Exception as exc:  # offline, gated, unknown: all one answer for the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot read the config of base model {spec!r}: {first}") from None
+
+
+class Workspace:
+    """What the trials of one worker share, loaded on first use."""
+
+    def __init__(self, config: StudyConfig, device: str, tasks_dir: Path | None, progress: bool = True):
+        self.config = config
+        self.device = device
+        self.tasks_dir = tasks_dir
+        self.progress = progress
+        self._bases: dict[str, tuple] = {}
+        self._data: dict[str, object] = {}
+
+    def base(self, label: str):
+        """``(model, tokenizer)`` of a base, on the study's device, in eval mode."""
+        if label not in self._bases:
+            from ablate import zoo
+
+            spec = next(b for b in self.config.bases if b.name == label).model
+            model, tokenizer = zoo.load_base(spec, trust_remote_code=self.config.trust_remote_code)
+            self._bases[label] = (model.to(self.device).eval(), tokenizer)
+        return self._bases[label]
+
+    def data(self, tokenizer):
+        """Packed CPT and held-out rows for this tokenizer (cached on disk by ablate.data)."""
+        from ablate.data import load_packed, tokenizer_fingerprint
+
+        key = tokenizer_fingerprint(tokenizer)
+        if key not in self._data:
+            d = self.config.data
+            self._data[key] = load_packed(d.source, tokenizer, seq_len=d.seq_len, train_tokens=self.config.train.tokens,
+                                          val_tokens=d.val_tokens, seed=d.seed, progress=self.progress)
+        return self._data[key]
+
+    def tasks(self) -> list[str]:
+        from ablate.synthetic import task_names
+
+        names = list(self.config.eval.tasks)
+        if self.config.eval.synthetic_tasks:
+            names += task_names(self.tasks_dir)
+        return names
+
+
+def build_variant(ws: Workspace, arm, base):
+    """The variant of ``arm`` from ``base``, a new model on the base's device."""
+    from ablate.moe import upcycle
+    from ablate.upscale import depth_upscale
+
+    if arm.method == "dus":
+        return depth_upscale(base, arm.m)
+    moe = ws.config.methods.moe
+    return upcycle(base, moe.experts, moe.top_k, router_std=moe.router_std, expert_noise=moe.expert_noise,
+                   seed=ws.config.train.seed + arm.repeat)
+
+
+def run_trial(ws: Workspace, arm, out_dir: Path, on_eval: Callable[[int, int, float], bool] | None = None) -> dict:
+    """Build, train and evaluate ``arm``; return its record (see :mod:`ablate.results` for the fields).
+
+    A run that CPT stopped early (the pruner asked) comes back with ``status="stopped"``
+    and no evaluation. A non-finite loss raises :class:`TrialFailed`.
+    """
+    import torch
+
+    from ablate.evaluate import evaluate, objective_value, perplexity
+    from ablate.params import count_params
+    from ablate.train import continue_pretraining
+
+    t0 = time.perf_counter()
+    base, tokenizer = ws.base(arm.base)
+    data = ws.data(tokenizer)
+    n = base.config.num_hidden_layers
+    variant = build_variant(ws, arm, base)
+    params = count_params(variant)
+    s = variant.config.num_hidden_layers
+    train_cfg = ws.config.train.model_copy(update={"seed": ws.config.train.seed + arm.repeat})
+    t1 = time.perf_counter()
+    result = continue_pretraining(variant, data, train_cfg, on_eval=on_eval, out_dir=out_dir, progress=ws.progress)
+    t2 = time.perf_counter()
+    record = {
+        **arm.to_dict(), "n": n, "s": s, "seed": train_cfg.seed, "params_total": params["total"],
+        "params_active": params["active"], "tokens": result.tokens,
+        # 6ND: forward + backward matmul FLOPs per token per active parameter (attention excluded).
+        "flops": 6 * params["active"] * result.tokens, "device": str(ws.device), "status": result.status,
+        "reason": result.reason, "build_s": round(t1 - t0, 3), "train_s": round(t2 - t1, 3),
+        "train": {"initial_val_loss": result.initial_val_loss, "final_val_loss": result.final_val_loss,
+                  "tokens_per_s": result.tokens_per_s, "precision": result.precision},
+    }
+    if result.status == "diverged":
+        raise TrialFailed(result.reason)
+    if result.status == "stopped":
+        record.update(wall_s=round(time.perf_counter() - t0, 3), metrics={"val_loss": result.final_val_loss})
+        return record
+    variant.eval()
+    ev = ws.config.eval
+    metrics = dict(perplexity(variant, data.val, batch_size=ev.batch_size))
+    metrics.pop("tokens", None)
+    tasks = ws.tasks()
+    if tasks:
+        metrics.update(evaluate(variant, tokenizer, tasks, include_path=ws.tasks_dir, subset=ev.subset,
+                                subset_seed=ev.subset_seed, num_fewshot=ev.num_fewshot, batch_size=ev.batch_size))
+    t3 = time.perf_counter()
+    record.update(metrics=metrics, objective=objective_value(metrics, ev.objective), eval_s=round(t3 - t2, 3),
+                  wall_s=round(t3 - t0, 3))
+    del variant
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return record
+
+
+def environment(device: str) -> dict:
+    """Versions, device and git commit, for ``env.json`` beside every trial."""
+    import importlib.metadata as md
+
+    import torch
+
+    versions = {}
+    for pkg in ("ablate", "torch", "transformers", "accelerate", "optuna", "lm-eval", "datasets", "tokenizers"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "versions": versions, "python": platform.python_version(), "platform": platform.platform(),
+        "device": device, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch_threads": torch.get_num_threads(), "git_commit": commit,
+    }
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)
