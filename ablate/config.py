@@ -7,7 +7,6 @@ overrides are applied to the YAML before validation, their values parsed as YAML
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Literal
@@ -39,6 +38,9 @@ class BaseConfig(Strict):
                               "path component.")
     m: list[int] | None = Field(None, description="The m values to try (layers removed from each copy). "
                                 "Default: the up-scaling range 0..n/2, where n/2 is the unchanged base.")
+
+    moe: bool = Field(True, description="Include the MoE upcycle baseline for this base (Llama and Mistral "
+                      "families only; set false for others).")
 
     @field_validator("m")
     @classmethod
@@ -96,17 +98,34 @@ class DataConfig(Strict):
         return parse_source(value) if isinstance(value, str) else value
 
 
+class TaskSpec(Strict):
+    """An lm-eval task with its own few-shot count."""
+
+    name: str = Field(description="lm-eval task name, e.g. arc_challenge.")
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples for this task; null: eval.num_fewshot.")
+
+
 class EvalConfig(Strict):
     """The fast evaluation after CPT."""
 
     synthetic_tasks: bool = Field(True, description="Evaluate on the built-in synthetic tasks (one per "
                                   "difficulty level k).")
-    tasks: list[str] = Field(default_factory=list, description="lm-eval task names, e.g. the H6 set.")
+    tasks: list[str | TaskSpec] = Field(default_factory=list, description="lm-eval tasks: names, or "
+                                        "{name, num_fewshot} for a task with its own few-shot count.")
     subset: int | None = Field(100, gt=0, description="Items per task: a fixed random subset, the same for "
                                "every trial (never the first N). null: every item.")
     subset_seed: int = Field(0, ge=0, description="Seed of the fixed subset.")
     num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples; null: each task's default.")
     batch_size: int = Field(32, gt=0, description="lm-eval batch size.")
+
+    def task_groups(self) -> dict[int | None, list[str]]:
+        """Task names grouped by few-shot count (lm-eval takes one count per call)."""
+        groups: dict[int | None, list[str]] = {}
+        for task in self.tasks:
+            name, shots = (task, self.num_fewshot) if isinstance(task, str) else \
+                (task.name, task.num_fewshot if task.num_fewshot is not None else self.num_fewshot)
+            groups.setdefault(shots, []).append(name)
+        return groups
     objective: ObjectiveConfig = Field(default_factory=lambda: ObjectiveConfig(kind="val_loss"),
                                        description="The single value Optuna optimises.")
 
@@ -228,7 +247,8 @@ def format_error(exc: ValidationError, where: str) -> str:
     elif first["type"] == "missing":
         msg = "required key is missing"
     got = first.get("input")
-    shown = "" if first["type"] in {"missing", "extra_forbidden"} or isinstance(got, (dict, list)) else f" (got {got!r})"
+    hide = first["type"] in {"missing", "extra_forbidden"} or isinstance(got, (dict, list))
+    shown = "" if hide else f" (got {got!r})"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"{where}: {loc}: {msg}{shown}{more}"
 
@@ -255,7 +275,4 @@ def load_study_config(path: str | Path | None = None, overrides: list[str] | Non
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise UserError(f"{path} is not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
     tree = apply_overrides(tree if isinstance(tree, dict) else {}, overrides or []) if overrides else tree
-    config = parse_config(tree, str(path))
-    if not math.isfinite(config.train.lr):
-        raise UserError(f"{path}: train.lr must be a finite number")
-    return config
+    return parse_config(tree, str(path))

@@ -53,6 +53,11 @@ class SearchSpace:
         self.m_values = {b.name: sorted(b.m) if b.m is not None else list(range(depths[b.name] // 2 + 1))
                          for b in config.bases}
 
+    def methods_of(self, base: str) -> list[str]:
+        """The arms of one base: MoE only where the base takes part in it."""
+        spec = next(b for b in self.config.bases if b.name == base)
+        return [m for m in self.methods if m != "moe" or spec.moe]
+
     def m_param(self, base: str) -> str:
         return f"m_{base}"
 
@@ -60,7 +65,8 @@ class SearchSpace:
         """Draw a configuration: the only place a study calls ``trial.suggest_*``."""
         labels = [b.name for b in self.config.bases]
         base = trial.suggest_categorical("base", labels)
-        method = trial.suggest_categorical("method", self.methods) if len(self.methods) > 1 else self.methods[0]
+        methods = self.methods_of(base)
+        method = trial.suggest_categorical(f"method_{base}", methods) if len(methods) > 1 else methods[0]
         m = None
         if method == "dus":
             dist = _m_distribution(self.m_values[base])
@@ -75,8 +81,8 @@ class SearchSpace:
     def params(self, arm: Arm) -> dict:
         """The Optuna parameters that make :meth:`suggest` return ``arm`` (for ``enqueue_trial``)."""
         out: dict = {"base": arm.base}
-        if len(self.methods) > 1:
-            out["method"] = arm.method
+        if len(self.methods_of(arm.base)) > 1:
+            out[f"method_{arm.base}"] = arm.method
         if arm.method == "dus":
             out[self.m_param(arm.base)] = arm.m
         if self.config.repeats > 1:
@@ -87,7 +93,7 @@ class SearchSpace:
         """Every configuration of the study."""
         out = []
         for b in self.config.bases:
-            for method in self.methods:
+            for method in self.methods_of(b.name):
                 for m in self.m_values[b.name] if method == "dus" else [None]:
                     out.extend(Arm(b.name, method, m, r) for r in range(self.config.repeats))
         return out
@@ -97,7 +103,8 @@ class SearchSpace:
         base = params.get("base")
         if base is None:
             return None
-        method = params.get("method", self.methods[0] if len(self.methods) == 1 else None)
+        methods = self.methods_of(base)
+        method = params.get(f"method_{base}", methods[0] if len(methods) == 1 else None)
         m = params.get(self.m_param(base)) if method == "dus" else None
         if method is None or (method == "dus" and m is None):
             return None
@@ -195,7 +202,7 @@ def controls(space: SearchSpace) -> list[Arm]:
         n = space.depths[b.name]
         if "dus" in space.methods and n // 2 in space.m_values[b.name] and n % 2 == 0:
             out.append(Arm(b.name, "dus", n // 2, 0))
-        if "moe" in space.methods:
+        if "moe" in space.methods_of(b.name):
             out.append(Arm(b.name, "moe", None, 0))
     for b in space.config.bases:
         n = space.depths[b.name]

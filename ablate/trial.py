@@ -81,13 +81,14 @@ class Workspace:
                                           val_tokens=d.val_tokens, seed=d.seed, progress=self.progress)
         return self._data[key]
 
-    def tasks(self) -> list[str]:
+    def task_groups(self) -> dict[int | None, list[str]]:
+        """Task names by few-shot count: the study's lm-eval tasks plus the synthetic ones."""
         from ablate.synthetic import task_names
 
-        names = list(self.config.eval.tasks)
+        groups = self.config.eval.task_groups()
         if self.config.eval.synthetic_tasks:
-            names += task_names(self.tasks_dir)
-        return names
+            groups.setdefault(self.config.eval.num_fewshot, []).extend(task_names(self.tasks_dir))
+        return groups
 
 
 def build_variant(ws: Workspace, arm, base):
@@ -141,12 +142,11 @@ def run_trial(ws: Workspace, arm, out_dir: Path, on_eval: Callable[[int, int, fl
         return record
     variant.eval()
     ev = ws.config.eval
-    metrics = dict(perplexity(variant, data.val, batch_size=ev.batch_size))
+    metrics = dict(perplexity(variant, data.val, batch_size=ws.config.train.micro_batch_size))
     metrics.pop("tokens", None)
-    tasks = ws.tasks()
-    if tasks:
+    for shots, tasks in ws.task_groups().items():
         metrics.update(evaluate(variant, tokenizer, tasks, include_path=ws.tasks_dir, subset=ev.subset,
-                                subset_seed=ev.subset_seed, num_fewshot=ev.num_fewshot, batch_size=ev.batch_size))
+                                subset_seed=ev.subset_seed, num_fewshot=shots, batch_size=ev.batch_size))
     t3 = time.perf_counter()
     record.update(metrics=metrics, objective=objective_value(metrics, ev.objective), eval_s=round(t3 - t2, 3),
                   wall_s=round(t3 - t0, 3))
