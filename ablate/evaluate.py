@@ -123,7 +123,7 @@ def perplexity(model, rows: np.ndarray, *, batch_size: int = 8, precision: Preci
     try:
         with torch.no_grad():
             for start in range(0, rows.shape[0], batch_size):
-                batch = torch.as_tensor(rows[start : start + batch_size], dtype=torch.long, device=device)
+                batch = torch.from_numpy(np.asarray(rows[start : start + batch_size], dtype=np.int64)).to(device)
                 autocast = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
                 with autocast:
                     logits = model(input_ids=batch, use_cache=False).logits

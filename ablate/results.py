@@ -47,7 +47,10 @@ def _frame(rows: list[dict]):
     import pandas as pd
 
     extra = sorted({k for r in rows for k in r} - set(COLUMNS))
-    return pd.DataFrame(rows, columns=COLUMNS + extra)
+    frame = pd.DataFrame(rows, columns=COLUMNS + extra)
+    for col in ("trial", "n", "m", "s", "repeat", "seed", "params_total", "params_active", "tokens"):
+        frame[col] = frame[col].astype("Int64")  # integers with gaps (m of an MoE arm), not floats
+    return frame
 
 
 def write_csv(study, path: str | Path) -> None:

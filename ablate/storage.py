@@ -44,8 +44,10 @@ def _journal_path(url: str) -> Path | None:
 
 def open_storage(url: str):
     """An Optuna storage for ``url``; an unreachable or malformed URL is a one-line UserError."""
+    import warnings
+
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     journal = _journal_path(url)
@@ -64,13 +66,16 @@ def open_storage(url: str):
             raise UserError(f"SQLite storage folder {folder} does not exist; create it or use another --storage")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        return RDBStorage(
-            url,
-            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
-            heartbeat_interval=HEARTBEAT_S,
-            grace_period=GRACE_S,
-            failed_trial_callback=RetryFailedTrialCallback(max_retry=3),
-        )
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and stable since 2.8
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(
+                url,
+                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+                heartbeat_interval=HEARTBEAT_S,
+                grace_period=GRACE_S,
+                # a stale (killed) trial is queued again with the same parameters, at most 3 times
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+            )
     except ImportError as exc:
         raise UserError(f"storage {redact(url)}: missing database driver ({exc.name}); "
                         "pip install 'ablate[postgres]' for PostgreSQL") from None

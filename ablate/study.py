@@ -88,7 +88,6 @@ def run_study(config, *, trials: int, out: str | Path = "runs", storage: str | N
     from ablate.search import SearchSpace, enqueue_controls, make_pruner, make_sampler
     from ablate.storage import open_storage
     from ablate.summary import print_summary
-    from ablate.synthetic import write_eval_tasks
     from ablate.trial import TrialFailed, Workspace
 
     if trials < 1:
@@ -98,6 +97,8 @@ def run_study(config, *, trials: int, out: str | Path = "runs", storage: str | N
     study_dir.mkdir(parents=True, exist_ok=True)
     tasks_dir = study_dir / "tasks"
     if config.eval.synthetic_tasks and not tasks_dir.is_dir():
+        from ablate.synthetic import write_eval_tasks
+
         with atomic_dir(tasks_dir) as tmp:
             write_eval_tasks(tmp)
     space = SearchSpace(config, depths)

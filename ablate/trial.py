@@ -18,7 +18,7 @@ from pathlib import Path
 from ablate.config import StudyConfig
 from ablate.errors import UserError
 
-__all__ = ["TrialFailed", "Workspace", "run_trial", "base_depth", "environment"]
+__all__ = ["TrialFailed", "Workspace", "run_trial", "base_depth", "load_base", "environment"]
 
 
 class TrialFailed(Exception):
@@ -27,10 +27,6 @@ class TrialFailed(Exception):
 
 def base_depth(spec: str, *, trust_remote_code: bool = False) -> int:
     """Number of decoder layers of a base-model spec, without loading its weights."""
-    from ablate import zoo
-
-    if spec in zoo.ZOO:
-        return zoo.ZOO[spec].num_layers
     from ablate.checkpoint import is_local_checkpoint, read_config_dict
 
     if is_local_checkpoint(spec):
@@ -39,6 +35,10 @@ def base_depth(spec: str, *, trust_remote_code: bool = False) -> int:
         if not n:
             raise UserError(f"{spec}: config.json has no num_hidden_layers; is it a decoder-only causal LM?")
         return int(n)
+    from ablate import zoo
+
+    if spec in zoo.ZOO:
+        return zoo.ZOO[spec].num_layers
     zoo.check_spec(spec)  # an unknown name that is no path nor hub id: one line listing the zoo
     try:
         from transformers import AutoConfig
@@ -47,6 +47,17 @@ def base_depth(spec: str, *, trust_remote_code: bool = False) -> int:
     except Exception as exc:  # offline, gated, unknown: all one answer for the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot read the config of base model {spec!r}: {first}") from None
+
+
+def load_base(spec: str, *, trust_remote_code: bool = False):
+    """``(model, tokenizer)`` of a base: a local checkpoint folder, a zoo name or a hub id."""
+    from ablate.checkpoint import is_local_checkpoint, load_causal_lm
+
+    if is_local_checkpoint(spec):
+        return load_causal_lm(spec, trust_remote_code=trust_remote_code)
+    from ablate import zoo
+
+    return zoo.load_base(spec, trust_remote_code=trust_remote_code)
 
 
 class Workspace:
@@ -63,10 +74,8 @@ class Workspace:
     def base(self, label: str):
         """``(model, tokenizer)`` of a base, on the study's device, in eval mode."""
         if label not in self._bases:
-            from ablate import zoo
-
             spec = next(b for b in self.config.bases if b.name == label).model
-            model, tokenizer = zoo.load_base(spec, trust_remote_code=self.config.trust_remote_code)
+            model, tokenizer = load_base(spec, trust_remote_code=self.config.trust_remote_code)
             self._bases[label] = (model.to(self.device).eval(), tokenizer)
         return self._bases[label]
 
@@ -83,10 +92,10 @@ class Workspace:
 
     def task_groups(self) -> dict[int | None, list[str]]:
         """Task names by few-shot count: the study's lm-eval tasks plus the synthetic ones."""
-        from ablate.synthetic import task_names
-
         groups = self.config.eval.task_groups()
         if self.config.eval.synthetic_tasks:
+            from ablate.synthetic import task_names
+
             groups.setdefault(self.config.eval.num_fewshot, []).extend(task_names(self.tasks_dir))
         return groups
 
