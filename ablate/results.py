@@ -79,7 +79,8 @@ def load(path: str | Path, *, storage: str | None = None, study_name: str | None
     info = study_dir_info(path)
     url = storage or info.get("storage")
     name = study_name or info["name"]
-    if url and "***" not in url:
+    local_db = url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file() if url else False
+    if url and "***" not in url and not local_db:  # never create an empty database by reading
         import optuna
 
         from ablate.storage import open_storage

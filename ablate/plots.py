@@ -1,0 +1,468 @@
+"""The figures of a study: pure functions from the results table to a matplotlib Figure.
+
+Each function takes the :func:`ablate.results.load` table (or an Optuna study, or
+cached numbers) and returns a Figure sized for one column of a paper (3.4 in wide, one
+panel per base model stacked), in seaborn's colour-blind-safe palette, with markers and
+line styles that still tell the arms apart in greyscale. Only complete trials give
+scores; a panel without enough trials says so instead of failing. :func:`save` writes
+PDF and PNG byte-identically for the same input. Nothing here reads files or trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import textwrap
+
+import numpy as np
+
+__all__ = ["arm_stats", "best_m", "human_count", "task_metrics", "score_vs_m", "score_vs_params", "loss_curves",
+           "tasks_vs_m", "redundancy", "message_figure",
+           "save", "style"]
+
+COLUMN_IN = 3.4  # one column of a two-column paper (ICML, NeurIPS, ACL: 3.25-3.5 in)
+PANEL_IN = 2.3  # height of one panel: room for two x axes (m below, s above)
+FONT_PT = 8  # smallest size still legible in print at column width
+CONFIDENCE = 0.95
+PNG_DPI = 200  # PNGs are for screens and notes (680 px at column width); print uses the vector PDF
+
+
+def _palette() -> list:
+    import seaborn as sns
+
+    return sns.color_palette("colorblind").as_hex()
+
+
+def _arm_style() -> dict:
+    p = _palette()
+    return {"dus": dict(color=p[0], marker="o", ls="-"), "control": dict(color=p[7], marker="s", ls="--"),
+            "moe": dict(color=p[1], marker="^", ls=":")}
+
+
+@contextlib.contextmanager
+def style():
+    """Matplotlib settings of every figure here, applied only inside the block."""
+    import matplotlib as mpl
+    import seaborn as sns
+
+    rc = {**sns.axes_style("ticks"), **sns.plotting_context("paper")}
+    rc.update({"font.family": "sans-serif", "font.sans-serif": ["DejaVu Sans"],  # ships with matplotlib
+               "font.size": FONT_PT, "axes.labelsize": FONT_PT, "axes.titlesize": FONT_PT,
+               "xtick.labelsize": FONT_PT - 1, "ytick.labelsize": FONT_PT - 1, "legend.fontsize": FONT_PT - 1,
+               "axes.spines.top": False, "axes.spines.right": False, "lines.markersize": 4,
+               "pdf.fonttype": 42,  # TrueType, not Type 3: editable text, and accepted by IEEE/ACM checkers
+               "svg.hashsalt": "ablate",  # fixed ids, so an SVG saved by hand is reproducible too
+               "savefig.dpi": PNG_DPI, "figure.dpi": 100})
+    with mpl.rc_context(rc):
+        yield
+
+
+def _figure(rows: int, height: float = PANEL_IN, width: float = COLUMN_IN):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height * rows + 0.5), layout="constrained")
+    axes = fig.subplots(rows, 1, squeeze=False)[:, 0]
+    return fig, list(axes)
+
+
+def _finish(fig) -> None:
+    """Fix the tick style of every axes now: ticks are made lazily at draw time, maybe outside :func:`style`."""
+    import matplotlib as mpl
+
+    rc = mpl.rcParams
+    for ax in fig.axes:
+        for a in [ax, *ax.child_axes]:
+            for axis in ("x", "y"):
+                a.tick_params(axis=axis, which="major", labelsize=rc[f"{axis}tick.labelsize"],
+                              length=rc[f"{axis}tick.major.size"], width=rc[f"{axis}tick.major.width"],
+                              color=rc[f"{axis}tick.color"], labelcolor=rc[f"{axis}tick.color"])
+
+
+def _message(ax, text: str) -> None:
+    ax.text(0.5, 0.5, "\n".join(textwrap.wrap(text, 40)), ha="center", va="center", transform=ax.transAxes,
+            fontsize=FONT_PT, color="0.3")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def message_figure(title: str, text: str):
+    """A one-panel Figure saying why a figure could not be drawn (e.g. not enough trials)."""
+    with style():
+        fig, (ax,) = _figure(1, height=1.6)
+        ax.set_title(title)
+        _message(ax, text)
+        _finish(fig)
+    return fig
+
+
+def _t_half(sd: float, count: int) -> float:
+    """Half-width of the two-sided t interval of a mean (NaN with one value)."""
+    if count < 2:
+        return math.nan
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + CONFIDENCE / 2, count - 1) * sd / math.sqrt(count))
+
+
+def _complete(df, column: str | None = None):
+    done = df[(df["state"] == "complete") & df["base"].notna()]
+    return done[done[column].notna()] if column is not None else done
+
+
+def arm_stats(df, column: str = "objective"):
+    """Per (base, method, m) over complete trials: count, mean, sd, t-interval lo/hi, sizes.
+
+    ``m`` is NaN for MoE. ``half`` (and lo/hi) is NaN with a single trial.
+    """
+    import pandas as pd
+
+    done = _complete(df, column)
+    rows = []
+    for (base, method, m), g in done.groupby(["base", "method", done["m"].astype(float).fillna(-1)], sort=True):
+        values = g[column].astype(float)
+        count, mean = len(values), float(values.mean())
+        sd = float(values.std(ddof=1)) if count > 1 else math.nan
+        half = _t_half(sd, count)
+        n = float(g["n"].dropna().iloc[0]) if g["n"].notna().any() else math.nan
+        rows.append({"base": base, "method": method, "m": math.nan if m < 0 else m, "n": n,
+                     "s": g["s"].astype(float).mean(), "count": count, "mean": mean, "sd": sd, "half": half,
+                     "lo": mean - half, "hi": mean + half,
+                     "params_total": g["params_total"].astype(float).mean(),
+                     "params_active": g["params_active"].astype(float).mean(),
+                     "tokens": g["tokens"].astype(float).mean()})
+    columns = ["base", "method", "m", "n", "s", "count", "mean", "sd", "half", "lo", "hi", "params_total",
+               "params_active", "tokens"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _bases(df, bases: list[str] | None) -> list[str]:
+    """``bases`` (the study's order, each gets a panel even before its first trial), then any others in ``df``."""
+    seen = sorted(str(b) for b in df["base"].dropna().unique())
+    return list(bases) + [b for b in seen if b not in bases] if bases else seen
+
+
+def _depth(df, base: str) -> int | None:
+    n = df.loc[df["base"] == base, "n"].dropna()
+    return int(n.iloc[0]) if len(n) else None
+
+
+def _best(stats, direction: str):
+    """The row of ``stats`` with the best mean (None when empty)."""
+    if stats.empty:
+        return None
+    return stats.loc[stats["mean"].idxmin() if direction == "minimize" else stats["mean"].idxmax()]
+
+
+def best_m(df, direction: str, column: str = "objective") -> dict[str, int | None]:
+    """Per base, the DUS m with the best mean over complete trials."""
+    stats = arm_stats(df, column)
+    out = {}
+    for base in _bases(df, None):
+        row = _best(stats[(stats["base"] == base) & (stats["method"] == "dus")], direction)
+        out[base] = int(row["m"]) if row is not None else None
+    return out
+
+
+def _wrap(label: str, width: int = 38) -> str:
+    return "\n".join(textwrap.wrap(label, width))
+
+
+def _m_ticks(ax, n: int, values) -> None:
+    """Integer m ticks below and the matching depths s = 2(n - m) above."""
+    from matplotlib.ticker import MaxNLocator
+
+    lo, hi = min(values), max(values)
+    ticks = [t for t in MaxNLocator(nbins=6, integer=True).tick_values(lo, hi) if lo <= t <= hi]
+    ax.set_xlim(lo - 0.5, hi + 0.5)
+    ax.set_xticks(ticks)
+    sec = ax.secondary_xaxis("top", functions=(lambda m: 2 * (n - m), lambda s: n - s / 2))
+    sec.set_xticks([2 * (n - t) for t in ticks])
+    sec.set_xlabel("layers after DUS, s = 2(n − m)")
+    ax.set_xlabel("layers removed from each copy, m")
+
+
+def _legend(fig, ncols: int = 1) -> None:
+    handles = {}
+    for ax in fig.axes:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, h)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=ncols, frameon=False)
+
+
+def _reference(ax, row, label: str, arm: dict) -> None:
+    ax.axhline(row["mean"], color=arm["color"], ls=arm["ls"], lw=1, label=label, zorder=1)
+    if not math.isnan(row["half"]):
+        ax.axhspan(row["lo"], row["hi"], color=arm["color"], alpha=0.15, lw=0, zorder=0)
+
+
+def score_vs_m(df, *, column: str = "objective", label: str = "objective", direction: str = "minimize",
+               bases: list[str] | None = None):
+    """Score against m per base: DUS mean and 95% t-interval over seeds, control and MoE as bands."""
+    stats = arm_stats(df, column)
+    arms = _arm_style()
+    bases = _bases(df, bases)
+    if not bases:
+        return message_figure(label, "not enough trials: no trial has a base model yet")
+    with style():
+        fig, axes = _figure(len(bases))
+        for ax, base in zip(axes, bases, strict=True):
+            n = _depth(df, base)
+            ax.set_title(f"{base} (n = {n})" if n else base)
+            mine = stats[stats["base"] == base]
+            dus = mine[mine["method"] == "dus"].sort_values("m")
+            if dus.empty or n is None:
+                _message(ax, "not enough trials: no complete DUS trial of this base yet")
+                continue
+            pts = _complete(df, column)
+            pts = pts[(pts["base"] == base) & (pts["method"] == "dus")]
+            ax.errorbar(dus["m"], dus["mean"], yerr=dus["half"].fillna(0), color=arms["dus"]["color"],
+                        marker="o", ms=3, capsize=2, lw=1, zorder=3, label=f"DUS, mean ± {CONFIDENCE:.0%} CI")
+            ax.scatter(pts["m"].astype(float), pts[column].astype(float), s=6, color=arms["dus"]["color"],
+                       alpha=0.4, lw=0, zorder=2, label="DUS, one seed")
+            control = dus[dus["m"] == n / 2]
+            if len(control):
+                _reference(ax, control.iloc[0], "unchanged base (m = n/2), same CPT", arms["control"])
+            moe = mine[mine["method"] == "moe"]
+            if len(moe):
+                _reference(ax, moe.iloc[0], "MoE upcycle, same CPT", arms["moe"])
+            if n % 4 == 0 and dus["m"].min() <= n / 4 <= dus["m"].max():
+                ax.axvline(n / 4, color="0.6", ls=":", lw=0.8, zorder=0, label="SOLAR's choice, m = n/4")
+            best = _best(dus, direction)
+            ax.plot([best["m"]], [best["mean"]], marker="*", ms=9, color=arms["dus"]["color"], mec="black",
+                    mew=0.5, ls="none", zorder=4, label="best m")
+            _m_ticks(ax, n, dus["m"].tolist() + ([n / 2] if len(control) else []))
+            ax.set_ylabel(_wrap(label))
+        _legend(fig)
+        _finish(fig)
+    return fig
+
+
+def _pareto(points: list[tuple[float, float]], direction: str) -> list[tuple[float, float]]:
+    """Points no other point beats on both size (fewer) and score (per ``direction``)."""
+    sign = 1 if direction == "minimize" else -1
+    front, best = [], math.inf
+    for x, y in sorted(points, key=lambda p: (p[0], sign * p[1])):
+        if sign * y < best:
+            front.append((x, y))
+            best = sign * y
+    return front
+
+
+def human_count(x: float, _pos=None) -> str:
+    """1234567 -> '1.23M' (3 significant digits; k, M, B); a matplotlib tick formatter too."""
+    if x is None or math.isnan(x):
+        return "-"
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{suffix}"
+    return f"{x:.3g}"
+
+
+def score_vs_params(df, *, column: str = "objective", label: str = "objective", direction: str = "minimize",
+                    bases: list[str] | None = None):
+    """Score against total and against active parameters; control, MoE and Pareto front marked."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    stats = arm_stats(df, column)
+    if stats.empty:
+        return message_figure(label, "not enough trials: no complete trial yet")
+    bases = _bases(df, bases)
+    colours = {b: _palette()[i % 10] for i, b in enumerate(bases)}
+    with style():
+        fig, axes = _figure(2)
+        for ax, size in zip(axes, ("params_total", "params_active"), strict=True):
+            for base in bases:
+                mine = stats[stats["base"] == base]
+                n = _depth(df, base)
+                control = mine["m"] == (n / 2 if n else -1)
+                kinds = (("DUS", (mine["method"] == "dus") & ~control, "o", 3),
+                         ("unchanged base", control, "s", 4), ("MoE upcycle", mine["method"] == "moe", "^", 5))
+                for kind, mask, marker, ms in kinds:
+                    sel = mine[mask]
+                    if sel.empty:
+                        continue
+                    ax.errorbar(sel[size], sel["mean"], yerr=sel["half"].fillna(0), color=colours[base],
+                                marker=marker, ms=ms, ls="none", capsize=1.5, lw=0.8, zorder=3,
+                                label=f"{base}: {kind}")
+                for _, row in mine[(mine["method"] == "dus") & ~control].iterrows():
+                    ax.annotate(f"{int(row['m'])}", (row[size], row["mean"]), xytext=(2, 2),
+                                textcoords="offset points", fontsize=FONT_PT - 3, color="0.3")
+            front = _pareto(list(zip(stats[size], stats["mean"], strict=True)), direction)
+            xs, ys = zip(*front, strict=True)
+            ax.step(xs, ys, where="post", color="black", lw=0.7, zorder=2, label="Pareto front")
+            ax.scatter(xs, ys, s=80, facecolors="none", edgecolors="black", lw=0.7, zorder=4)
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(human_count))
+            ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, p: ""))
+            ax.set_xlabel(f"{'total' if size == 'params_total' else 'active'} parameters (log scale)")
+            ax.set_ylabel(_wrap(label))
+        axes[0].set_title("numbers: m of each DUS variant", fontsize=FONT_PT - 1, color="0.3")
+        _legend(fig)
+        _finish(fig)
+    return fig
+
+
+def loss_curves(df, curves: dict[int, object], *, bases: list[str] | None = None):
+    """Held-out loss during CPT against tokens: a line per trial coloured by m, control and MoE distinct.
+
+    ``curves`` maps trial number -> DataFrame with ``tokens`` and ``val_loss`` (rows of
+    ``metrics.jsonl`` that have a held-out loss). Pruned trials end in an x.
+    """
+    import matplotlib as mpl
+    from matplotlib.ticker import FuncFormatter, LogFormatter, MaxNLocator
+
+    runs = df[df["state"].isin(["complete", "pruned"]) & df["base"].notna() & df["trial"].isin(list(curves))]
+    bases = _bases(runs, bases)
+    if runs.empty:
+        return message_figure("CPT loss curves", "not enough trials: no finished trial with a metrics.jsonl yet")
+    arms = _arm_style()
+    with style():
+        fig, axes = _figure(len(bases))
+        for ax, base in zip(axes, bases, strict=True):
+            n = _depth(df, base)
+            mine = runs[runs["base"] == base].sort_values("trial")
+            if mine.empty:
+                ax.set_title(base)
+                _message(ax, "not enough trials: no finished trial of this base with a metrics.jsonl yet")
+                continue
+            control = (mine["method"] == "dus") & (mine["m"] == (n / 2 if n else -1))
+            ms = mine.loc[(mine["method"] == "dus") & ~control, "m"].astype(float)
+            norm = mpl.colors.Normalize(vmin=ms.min() if len(ms) else 0, vmax=max(ms.max(), ms.min() + 1)
+                                        if len(ms) else 1)
+            cmap = mpl.colors.ListedColormap(mpl.colormaps["viridis"](np.linspace(0, 0.85, 256)))  # sequential,
+            # colour-blind safe, monotone in greyscale; its pale yellow end cut off, unreadable on white
+            for (_, row), is_control in zip(mine.iterrows(), control, strict=True):
+                c = curves[int(row["trial"])]
+                if row["method"] == "moe":
+                    kw = dict(color=arms["moe"]["color"], ls="-.", lw=1.2, label="MoE upcycle")
+                elif is_control:
+                    kw = dict(color="0.35", ls="--", lw=1.2, label="unchanged base (m = n/2)")
+                else:
+                    kw = dict(color=cmap(norm(row["m"])), ls="-", lw=0.9)
+                ax.plot(c["tokens"], c["val_loss"], zorder=3, **kw)
+                if row["state"] == "pruned":
+                    ax.plot(c["tokens"].iloc[-1:], c["val_loss"].iloc[-1:], marker="x", color=kw["color"],
+                            ls="none", zorder=4, label="pruned (stopped early)")
+            if len(ms):
+                bar = fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, pad=0.02, aspect=25)
+                bar.set_label("m (DUS)")
+                bar.locator = MaxNLocator(integer=True)
+                bar.update_ticks()
+            ax.set_title(f"{base} (n = {n})" if n else base)
+            ax.set_yscale("log")  # the fresh variant's loss can start far above where it settles
+            ax.yaxis.set_major_formatter(LogFormatter())
+            ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+            ax.xaxis.set_major_formatter(FuncFormatter(human_count))
+            ax.set_xlabel("CPT tokens")
+            ax.set_ylabel("held-out loss (nats/token, log)")
+        _legend(fig)
+        _finish(fig)
+    return fig
+
+
+def task_metrics(columns) -> list[str]:
+    """One metric column per lm-eval task: acc_norm where the task has it, else acc, else its first metric.
+
+    Standard errors are left out, filtered ones too (``gsm8k/exact_match_stderr,strict-match``).
+    """
+    by_task: dict[str, list[str]] = {}
+    for col in columns:
+        if "/" in col and not col.split(",", 1)[0].endswith("_stderr"):
+            task, metric = col.split("/", 1)
+            by_task.setdefault(task, []).append(metric)
+    out = []
+    for task, metrics in sorted(by_task.items()):
+        pick = next((m for m in ("acc_norm", "acc") if m in metrics), sorted(metrics)[0])
+        out.append(f"{task}/{pick}")
+    return out
+
+
+def tasks_vs_m(df, *, bases: list[str] | None = None):
+    """Per base, each task's metric against m (mean over seeds), to see which tasks depth helps."""
+    done = _complete(df)
+    metrics = [c for c in task_metrics(df.columns) if done[c].notna().any()]
+    bases = _bases(done, bases)
+    if not metrics or not bases:
+        return message_figure("task metrics by m", "not enough trials: no complete trial has task metrics yet")
+    colours = _palette()
+    markers = "osD^v<>pPX"
+    with style():
+        fig, axes = _figure(len(bases))
+        for ax, base in zip(axes, bases, strict=True):
+            n = _depth(df, base)
+            ax.set_title(f"{base} (n = {n})" if n else base)
+            dus = done[(done["base"] == base) & (done["method"] == "dus")]
+            if dus.empty or n is None:
+                _message(ax, "not enough trials: no complete DUS trial of this base yet")
+                continue
+            for i, metric in enumerate(metrics):
+                mean = dus.groupby(dus["m"].astype(float))[metric].mean().dropna()
+                if len(mean):
+                    ax.plot(mean.index, mean.values, color=colours[i % 10], marker=markers[i % 10], ms=3, lw=1,
+                            label=metric)
+            if dus["m"].min() <= n / 2 <= dus["m"].max():
+                ax.axvline(n / 2, color="0.5", ls="--", lw=0.8, zorder=0, label="m = n/2 (unchanged base)")
+            _m_ticks(ax, n, dus["m"].astype(float).tolist())
+            all_acc = all(m.split("/", 1)[1] in ("acc", "acc_norm") for m in metrics)
+            ax.set_ylabel("accuracy (fraction correct)" if all_acc else "task metric")
+        _legend(fig)
+        _finish(fig)
+    return fig
+
+
+def redundancy(distances: dict[str, list[float]], best: dict[str, int | None] | None = None):
+    """Angular distance of each layer per base; layers DUS at the best m uses twice (filled) or drops (x)."""
+    from matplotlib.ticker import MaxNLocator
+
+    from ablate.redundancy import dus_layers
+
+    if not distances:
+        return message_figure("layer redundancy", "no base model measured")
+    colours = _palette()
+    best = best or {}
+    with style():
+        fig, (ax,) = _figure(1, height=2.4)
+        for i, (base, d) in enumerate(distances.items()):
+            c, n, x = colours[i % 10], len(d), np.arange(len(d))
+            m = best.get(base)
+            note = ""
+            if m is not None and 0 <= m < n:
+                dup, drop = dus_layers(n, m)
+                note = f", best m = {m}"
+                if dup:
+                    ax.plot(x[dup], np.asarray(d)[dup], marker="o", ms=4, color=c, ls="none", zorder=4)
+                    note += f": layers {dup[0]}–{dup[-1]} twice"
+                if drop:
+                    ax.plot(x[drop], np.asarray(d)[drop], marker="x", ms=5, color=c, ls="none", zorder=4)
+                    note += f": layers {drop[0]}–{drop[-1]} dropped"
+            ax.plot(x, d, color=c, marker="o", ms=4, mfc="white", lw=1, zorder=3, label=f"{base}{note}")
+        ax.set_xlabel("decoder layer of the base model")
+        ax.set_ylabel(_wrap("angular distance, input to output (arccos(cos)/π)", 30))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(bottom=0)
+        ax.set_title("filled: used twice by DUS at the best m; x: dropped", fontsize=FONT_PT - 1, color="0.3")
+        _legend(fig)
+        _finish(fig)
+    return fig
+
+
+def save(fig, stem) -> list:
+    """Write ``stem``.pdf and ``stem``.png; no dates inside, so the same figure gives the same bytes."""
+    from pathlib import Path
+
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(".pdf"), stem.with_suffix(".png")]
+    engine = fig.get_layout_engine()
+    with style():
+        fig.savefig(paths[0], metadata={"CreationDate": None, "ModDate": None})
+        fig.set_layout_engine("none")  # keep the layout the PDF just computed: it is the slow part
+        try:
+            fig.savefig(paths[1], metadata={"Software": None})
+        finally:
+            fig.set_layout_engine(engine)
+    return paths
