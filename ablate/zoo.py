@@ -1,0 +1,276 @@
+"""The zoo: small base models of the embedded default, pretrained from scratch on first use.
+
+Each :class:`ZooSpec` names an architecture and its pretraining recipe. Building one trains the
+shared byte-level BPE tokenizer (:func:`zoo_tokenizer`), packs the synthetic corpus
+(:func:`ablate.data.load_packed`), pretrains with :func:`ablate.train.continue_pretraining`
+and saves an ordinary Hugging Face checkpoint (safetensors, tokenizer, and ``zoo.json`` with
+the spec, tokens, final held-out loss and wall time) under ``ablate_home()/zoo/<name>``,
+written with :func:`~ablate.fsutil.atomic_dir` so an interrupted build leaves nothing behind.
+
+    python -m ablate.zoo list
+    python -m ablate.zoo build [NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ablate.errors import UserError, cli
+from ablate.fsutil import ablate_home, atomic_dir, atomic_write_json
+
+__all__ = ["ZooSpec", "ZOO", "zoo_dir", "is_built", "build", "load", "load_base", "check_spec",
+           "zoo_tokenizer", "model_config", "micro_spec"]
+
+ZOO_VERSION = 1  # bump when builds of unchanged specs would differ (e.g. the corpus changed)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Closed vocabulary: ~100 words, 10 digits, a few letters and signs. At 512 the BPE merges run
+# out (every word and every " 7" / " A" is one token at ~460 entries), so a larger vocab adds only
+# unused embedding rows, and a smaller one splits words and lengthens every sequence.
+TOKENIZER_VOCAB = 512
+TOKENIZER_DOCS = 5_000  # documents the BPE is trained on: ~1 s, and every word is seen many times
+TOKENIZER_SEED = 10_007  # a stream of its own, so no pretraining or CPT document is reused
+EOS = "<|endoftext|>"
+PROBE_ITEMS = 200  # items per level of the calibration probe stored in zoo.json (seed 0: the
+# same items write_eval_tasks writes by default)
+
+
+class ZooSpec(BaseModel):
+    """One base model of the zoo: architecture and pretraining recipe."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="Zoo name, also the folder name under ablate_home()/zoo.")
+    family: Literal["llama", "mistral"] = Field(description="transformers model family.")
+    description: str = Field(description="What a researcher would pick this base for.")
+    num_layers: int = Field(gt=0, description="Decoder layers n.")
+    hidden_size: int = Field(gt=0, description="Residual width.")
+    intermediate_size: int = Field(gt=0, description="MLP width (SwiGLU).")
+    num_heads: int = Field(gt=0, description="Attention heads.")
+    num_kv_heads: int = Field(gt=0, description="Key/value heads (grouped-query attention).")
+    sliding_window: int | None = Field(None, gt=0, description="Mistral's attention window in tokens.")
+    seq_len: int = Field(128, gt=1, description="Pretraining row length; longer than any reasoning "
+                         "item, and attention cost stays small.")
+    train_tokens: int = Field(gt=0, description="Pretraining tokens.")
+    val_tokens: int = Field(8_192, gt=0, description="Held-out tokens for the final validation loss.")
+    tokens_per_step: int = Field(1_024, gt=0, description="Tokens per optimizer step: small batches "
+                                 "give many steps, which the reasoning items need more than "
+                                 "low-noise gradients.")
+    micro_batch_size: int = Field(8, gt=0, description="Rows per forward pass.")
+    lr: float = Field(gt=0, description="Peak learning rate, tuned per architecture.")
+    warmup: float = Field(0.05, ge=0, lt=1, description="Warmup as a fraction of the steps.")
+    seed: int = Field(0, ge=0, description="Seed of the initial weights and the training order.")
+    data_seed: int = Field(1_000, ge=0, description="Seed of the pretraining documents: not the "
+                           "study's data seed (0), so CPT reads documents the base never saw.")
+
+
+ZOO: dict[str, ZooSpec] = {
+    spec.name: spec
+    for spec in [
+        ZooSpec(name="llama-4l", family="llama",
+                description="The shallow base: 4 Llama layers; DUS gives 4 to 8 layers.",
+                num_layers=4, hidden_size=64, intermediate_size=192, num_heads=4, num_kv_heads=4,
+                train_tokens=2_097_152, lr=6e-3),
+        ZooSpec(name="mistral-6l", family="mistral",
+                description="The deeper base: 6 Mistral layers with grouped-query attention and "
+                "a 64-token sliding window; DUS gives 6 to 12 layers.",
+                num_layers=6, hidden_size=64, intermediate_size=192, num_heads=4, num_kv_heads=2,
+                sliding_window=64, train_tokens=2_097_152, lr=6e-3),
+        ZooSpec(name="tiny-2l", family="llama",
+                description="Test-sized: 2 Llama layers at hidden 32, built in seconds; for the smoke "
+                "study and CI, too small for findings.",
+                num_layers=2, hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=2, seq_len=64,
+                train_tokens=16_384, val_tokens=2_048, tokens_per_step=512, lr=3e-3),
+    ]
+}
+
+
+def micro_spec(name: str = "micro", **overrides) -> ZooSpec:
+    """A spec that builds in seconds, for tests (it is not in :data:`ZOO`)."""
+    fields = dict(name=name, family="llama", description="test-sized", num_layers=2, hidden_size=32,
+                  intermediate_size=64, num_heads=2, num_kv_heads=2, seq_len=64,
+                  train_tokens=4_096, val_tokens=1_024, tokens_per_step=512, lr=3e-3)
+    return ZooSpec(**{**fields, **overrides})
+
+
+def zoo_dir(name: str) -> Path:
+    return ablate_home() / "zoo" / name
+
+
+def is_built(name: str | ZooSpec) -> bool:
+    """True when a complete build of this spec (and zoo version) is on disk."""
+    spec = name if isinstance(name, ZooSpec) else _spec(name)
+    meta = zoo_dir(spec.name) / "zoo.json"
+    if not meta.is_file():
+        return False
+    try:
+        info = json.loads(meta.read_text())
+    except json.JSONDecodeError:
+        return False
+    return info.get("zoo_version") == ZOO_VERSION and info.get("spec") == spec.model_dump()
+
+
+def zoo_tokenizer():
+    """The zoo's byte-level BPE tokenizer, trained deterministically on synthetic documents."""
+    import itertools
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ablate.synthetic import iter_documents
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    docs = list(itertools.islice(iter_documents("train", seed=TOKENIZER_SEED), TOKENIZER_DOCS))
+    tok.train_from_iterator(docs, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS,
+                                   pad_token=EOS, model_max_length=2048)
+
+
+def model_config(spec: ZooSpec, vocab_size: int):
+    """The transformers config of ``spec`` (untied embeddings: the tied variant learned slower)."""
+    from transformers import AutoConfig
+
+    kwargs = dict(vocab_size=vocab_size, hidden_size=spec.hidden_size,
+                  intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_layers,
+                  num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
+                  max_position_embeddings=2048, tie_word_embeddings=False)
+    if spec.family == "mistral":
+        kwargs["sliding_window"] = spec.sliding_window
+    return AutoConfig.for_model(spec.family, **kwargs)
+
+
+def build(name: str | ZooSpec, *, force: bool = False, progress: bool = True) -> Path:
+    """Pretrain zoo model ``name`` (or a given spec) unless already built; return its folder."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ablate.data import load_packed
+    from ablate.synthetic import chance_level
+    from ablate.train import TrainConfig, continue_pretraining
+
+    spec = name if isinstance(name, ZooSpec) else _spec(name)
+    final = zoo_dir(spec.name)
+    if is_built(spec) and not force:
+        return final
+    start = time.perf_counter()
+    tokenizer = zoo_tokenizer()
+    data = load_packed("synthetic", tokenizer, seq_len=spec.seq_len, train_tokens=spec.train_tokens,
+                       val_tokens=spec.val_tokens, seed=spec.data_seed, progress=progress)
+    torch.manual_seed(spec.seed)
+    config = model_config(spec, len(tokenizer))
+    config.eos_token_id = config.pad_token_id = tokenizer.eos_token_id
+    config.bos_token_id = tokenizer.bos_token_id
+    model = AutoModelForCausalLM.from_config(config)
+    train = TrainConfig(tokens=spec.train_tokens, micro_batch_size=spec.micro_batch_size,
+                        tokens_per_step=spec.tokens_per_step, lr=spec.lr, warmup=spec.warmup,
+                        seed=spec.seed, eval_every=10**9, eval_rows=data.val.shape[0])
+    # replaces a build of another spec or zoo version (or any, with force) once the new one is complete
+    with atomic_dir(final, overwrite=final.exists()) as tmp:
+        if progress:
+            print(f"building {spec.name}: {spec.num_layers} layers, {_count(model):,} parameters, "
+                  f"{spec.train_tokens:,} tokens")
+        result = continue_pretraining(model, data, train, out_dir=tmp / "pretraining", progress=progress)
+        if result.status != "completed":
+            raise RuntimeError(f"pretraining {spec.name} did not complete: {result.reason}")
+        probe = _probe(model, tokenizer)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / "zoo.json", {
+            "zoo_version": ZOO_VERSION, "spec": spec.model_dump(), "parameters": _count(model),
+            "tokens": result.tokens, "final_val_loss": result.final_val_loss,
+            "initial_val_loss": result.initial_val_loss, "tokens_per_s": result.tokens_per_s,
+            "synth_acc": probe, "chance": chance_level(),
+            "wall_s": time.perf_counter() - start, "precision": result.precision,
+            "torch_threads": torch.get_num_threads()})
+    return final
+
+
+def load(name: str, *, device=None, dtype=None, progress: bool = True):
+    """``(model, tokenizer)`` of zoo model ``name``, building it first when needed."""
+    folder = build(name, progress=progress)
+    from ablate.checkpoint import load_causal_lm
+
+    return load_causal_lm(folder, device=device, dtype=dtype)
+
+
+def check_spec(spec: str) -> None:
+    """Raise :class:`UserError` when ``spec`` is no zoo name, no existing path and no hub id."""
+    if spec in ZOO or Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")):
+        return
+    if HUB_ID.match(spec):
+        return
+    raise UserError(f"unknown base model {spec!r}: not a zoo model ({', '.join(ZOO)}), "
+                    "a local checkpoint folder, or a hub id like org/name")
+
+
+def load_base(spec: str, *, device=None, dtype=None, trust_remote_code: bool = False):
+    """``(model, tokenizer)`` from a zoo name, a local HF checkpoint folder, or a hub id."""
+    check_spec(spec)
+    if spec in ZOO:
+        return load(spec, device=device, dtype=dtype)
+    from ablate.checkpoint import load_causal_lm
+
+    return load_causal_lm(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def _spec(name: str) -> ZooSpec:
+    if name not in ZOO:
+        raise UserError(f"unknown zoo model {name!r}; choose from {', '.join(ZOO)}")
+    return ZOO[name]
+
+
+def _probe(model, tokenizer) -> dict[str, float]:
+    """Accuracy per level on the study's default evaluation items (the calibration numbers)."""
+    from ablate.synthetic import DEFAULT_LEVELS, accuracy, eval_items
+
+    return {f"synth_k{k}": accuracy(model, tokenizer, eval_items(k, PROBE_ITEMS)) for k in DEFAULT_LEVELS}
+
+
+def _count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _list() -> None:
+    for name, spec in ZOO.items():
+        meta = zoo_dir(name) / "zoo.json"
+        if is_built(name):
+            info = json.loads(meta.read_text())
+            acc = " ".join(f"{v:.2f}" for v in info["synth_acc"].values())
+            state = (f"built  {info['parameters']:>7,} params  val loss {info['final_val_loss']:.3f}  "
+                     f"acc k1.. {acc}  {zoo_dir(name)}")
+        else:
+            state = f"not built (python -m ablate.zoo build {name})"
+        print(f"{name:<12} {spec.family:<8} {spec.num_layers:>2} layers x {spec.hidden_size:<4} {state}")
+
+
+@cli
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ablate.zoo", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="each zoo model: built or not, parameters, folder, final val loss")
+    b = sub.add_parser("build", help="pretrain the named zoo models (default: all) that are not built")
+    b.add_argument("names", nargs="*", metavar="NAME", help=f"zoo names: {', '.join(ZOO)}")
+    b.add_argument("--force", action="store_true", help="rebuild even when built")
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        _list()
+        return 0
+    for name in args.names or list(ZOO):
+        _spec(name)  # every name checked before the first (minutes-long) build starts
+    for name in args.names or list(ZOO):
+        print(f"{name}: {build(name, force=args.force)}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()
