@@ -161,7 +161,8 @@ class StudyConfig(Strict):
     pruner: PrunerConfig = Field(default_factory=PrunerConfig, description="Trial pruner.")
     repeats: int = Field(1, ge=1, description="Seeds per configuration (base, method, m).")
     trust_remote_code: bool = Field(False, description="Allow hub models' own code (off: only transformers' "
-                                    "built-in architectures run).")
+                                    "built-in architectures run). Takes effect only with --trust-remote-code "
+                                    "on the command line, so a config file alone never runs code.")
 
     @field_validator("name")
     @classmethod

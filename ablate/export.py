@@ -225,15 +225,15 @@ def write_checkpoint(source: Source, out: str | os.PathLike, config, tensors: di
     """
     from tqdm.auto import tqdm
 
+    from ablate.check import check_writable
+
     out = Path(out).expanduser()
     max_bytes = parse_size(max_shard_size)
     if out.exists() and not force:
         raise UserError(f"output folder {out} already exists; choose another --out or pass --force")
     if out.resolve() == source.folder.resolve():
         raise UserError(f"output folder {out} is the source checkpoint; choose another --out")
-    parent = out.parent if out.parent != Path("") else Path(".")
-    if parent.exists() and not os.access(parent, os.W_OK):
-        raise UserError(f"cannot write to {parent} (permission denied); choose another --out")
+    check_writable(out.parent)  # really creates and removes a folder: os.access says yes to root on /proc
     shards = _plan_shards(tensors, max_bytes)
     total = sum(t.nbytes for t in tensors.values())
     try:
@@ -242,7 +242,8 @@ def write_checkpoint(source: Source, out: str | os.PathLike, config, tensors: di
             weight_map: dict[str, str] = {}
             with tqdm(total=total, unit="B", unit_scale=True, desc="writing shards", disable=not progress) as bar:
                 for k, names in enumerate(shards, 1):
-                    fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors"
+                    many = len(shards) > 1
+                    fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors" if many else "model.safetensors"
                     _write_shard(tmp / fname, names, tensors, bar)
                     weight_map.update(dict.fromkeys(names, fname))
             if len(shards) > 1:

@@ -74,17 +74,16 @@ def read_curves(study_dir: Path, trials) -> dict:
     return out
 
 
-def _open_study(info: dict, storage: str | None):
+def _open_study(study_dir: Path, info: dict, storage: str | None):
     """The Optuna study of ``info``, or None when its storage cannot be opened (then results.csv is used)."""
     import optuna
 
+    from ablate.results import storage_url
     from ablate.storage import open_storage
 
-    url = storage or info.get("storage")
-    if not url or "***" in url:
+    url = storage_url(study_dir, info, storage)
+    if url is None:
         return None
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-        return None  # opening would create an empty database
     try:
         return optuna.load_study(study_name=info["name"], storage=open_storage(url))
     except (KeyError, ValueError, OSError, UserError):
@@ -168,7 +167,7 @@ def make_figures(study_dir: str | Path, out: str | Path, *, storage: str | None 
     order = [b.get("label") or Path(b["model"].rstrip("/")).name for b in config.get("bases", [])]
     label, description, direction = objective_label(info)
     loss_label = "held-out loss after CPT (nats/token; lower is better)"
-    study = _open_study(info, storage)
+    study = _open_study(study_dir, info, storage)
 
     def optuna_figure(title: str, draw):
         if study is None:

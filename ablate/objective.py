@@ -5,10 +5,18 @@ A callable class (Optuna's recommended shape): ``trial.suggest_*`` happens only 
 so the pruner can stop hopeless trials, records every number as user attributes, and
 writes the trial's folder ``<study>/trials/<number>/`` atomically: the resolved
 config, ``env.json``, CPT's ``metrics.jsonl`` and ``result.json``.
+
+With a :class:`~ablate.storage.Worker` (the study command always passes one) the trial is
+marked with the process that runs it, and once its configuration is in the storage the
+study's sampling lock is released. A trial whose configuration another trial already holds
+(possible only where workers cannot lock each other out) stands down before doing any work:
+it fails with ``duplicate_of`` set, which gives the configuration back to the study, so no
+configuration ever runs twice, at worst it is drawn again later.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import optuna
@@ -16,6 +24,7 @@ import yaml
 
 from ablate.fsutil import atomic_dir, atomic_write_json, atomic_write_text
 from ablate.search import SearchSpace
+from ablate.storage import Worker
 from ablate.trial import TrialFailed, Workspace, environment, run_trial
 
 __all__ = ["Objective", "RECORDED"]
@@ -33,16 +42,43 @@ def _one_line(exc: BaseException) -> str:
 class Objective:
     """``objective(trial) -> float``: the study's objective value of one sampled configuration."""
 
-    def __init__(self, space: SearchSpace, workspace: Workspace, study_dir: Path, direction: str):
+    def __init__(self, space: SearchSpace, workspace: Workspace, study_dir: Path, direction: str,
+                 worker: Worker | None = None):
         self.space = space
         self.ws = workspace
         self.study_dir = Path(study_dir)
         self.direction = direction
+        self.worker = worker
 
     def __call__(self, trial: optuna.Trial) -> float:
+        try:
+            return self._run(trial)
+        except KeyboardInterrupt:
+            # Optuna fails the trial; the mark keeps Ctrl-C from counting as a crash of this configuration
+            with contextlib.suppress(Exception):
+                trial.set_user_attr("interrupted", True)
+            raise
+
+    def _claim(self, trial: optuna.Trial):
+        """Draw the configuration and make it this trial's, under the worker's sampling lock."""
+        if self.worker is not None:
+            self.worker.mark(trial)
         arm = self.space.suggest(trial)
         for key, value in arm.to_dict().items():
             trial.set_user_attr(key, value)
+        if self.worker is None:
+            return arm
+        holders = self.space.holders(trial.study, exclude=trial.number).get(arm)
+        self.worker.release()
+        if holders:
+            reason = f"duplicate of trial {holders[0]} (drawn by two workers at once); not run"
+            trial.set_user_attr("duplicate_of", holders[0])
+            trial.set_user_attr("fail_reason", reason)
+            raise TrialFailed(reason)
+        return arm
+
+    def _run(self, trial: optuna.Trial) -> float:
+        arm = self._claim(trial)
         sign = 1.0 if self.direction == "minimize" else -1.0  # pruners read intermediate values in the
         # study's direction, so a maximised objective gets minus the held-out loss
 

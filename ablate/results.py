@@ -13,7 +13,7 @@ from pathlib import Path
 from ablate.errors import UserError
 from ablate.fsutil import atomic_write_text
 
-__all__ = ["COLUMNS", "trial_rows", "load", "write_csv", "study_dir_info"]
+__all__ = ["COLUMNS", "trial_rows", "load", "write_csv", "study_dir_info", "storage_url"]
 
 # Fixed leading columns; task metrics ("synth_k1/acc", ...) follow in sorted order.
 COLUMNS = ["study", "trial", "state", "base", "method", "n", "m", "s", "repeat", "seed", "params_total",
@@ -66,6 +66,22 @@ def study_dir_info(path: str | Path) -> dict:
     return json.loads(info.read_text())
 
 
+def storage_url(path: str | Path, info: dict, storage: str | None = None) -> str | None:
+    """The storage to read a study folder from: ``storage`` if given, else the recorded one.
+
+    A recorded SQLite file that is gone (the folder was moved or copied, e.g. into ``paper/``)
+    is replaced by the folder's own ``study.db``. None when nothing can be opened without
+    creating an empty database or knowing a password.
+    """
+    url = storage or info.get("storage")
+    if not url or "***" in url:
+        return None
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        local = Path(path) / "study.db"
+        return f"sqlite:///{local.resolve()}" if local.is_file() else None
+    return url
+
+
 def load(path: str | Path, *, storage: str | None = None, study_name: str | None = None):
     """A pandas DataFrame with one row per trial.
 
@@ -77,16 +93,14 @@ def load(path: str | Path, *, storage: str | None = None, study_name: str | None
 
     path = Path(path)
     info = study_dir_info(path)
-    url = storage or info.get("storage")
-    name = study_name or info["name"]
-    local_db = url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file() if url else False
-    if url and "***" not in url and not local_db:  # never create an empty database by reading
+    url = storage_url(path, info, storage)
+    if url is not None:
         import optuna
 
         from ablate.storage import open_storage
 
         try:
-            study = optuna.load_study(study_name=name, storage=open_storage(url))
+            study = optuna.load_study(study_name=study_name or info["name"], storage=open_storage(url))
             return _frame(trial_rows(study))
         except (KeyError, ValueError, OSError, UserError):
             pass
@@ -94,4 +108,3 @@ def load(path: str | Path, *, storage: str | None = None, study_name: str | None
     if not csv.is_file():
         raise UserError(f"{path}: the storage cannot be opened and there is no results.csv yet")
     return pd.read_csv(csv)
-

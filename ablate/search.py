@@ -5,7 +5,9 @@ A configuration (an :class:`Arm`) is (base, method, m, repeat). Trials draw it w
 finite, so samplers like TPE happily propose a configuration that already ran;
 :class:`NoRepeatSampler` wraps any Optuna sampler and moves such a proposal to the
 nearest value that still leads to an unrun configuration, so a study of N trials runs N
-distinct configurations (repeats add seeds, not duplicates).
+distinct configurations (repeats add seeds, not duplicates). The controls are queued first
+(:func:`enqueue_controls`), and a configuration whose trial died (a killed worker, Ctrl-C) is
+queued again (:func:`requeue_lost`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from optuna.trial import TrialState
 
 from ablate.config import StudyConfig
 
-__all__ = ["Arm", "SearchSpace", "NoRepeatSampler", "make_sampler", "make_pruner", "enqueue_controls"]
+__all__ = ["Arm", "SearchSpace", "NoRepeatSampler", "make_sampler", "make_pruner", "enqueue_controls", "requeue_lost",
+           "MAX_KILLS"]
+
+MAX_KILLS = 3  # a configuration whose worker died this many times is not run again (out of memory?)
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,7 @@ class Arm:
 
 def _m_distribution(values: list[int]):
     values = sorted(values)
-    steps = {b - a for a, b in zip(values, values[1:])}
+    steps = {b - a for a, b in zip(values, values[1:], strict=False)}
     if len(steps) <= 1:
         return IntDistribution(values[0], values[-1], step=steps.pop() if steps else 1)
     return CategoricalDistribution(values)
@@ -89,6 +94,17 @@ class SearchSpace:
             out["repeat"] = arm.repeat
         return out
 
+    def distributions(self, arm: Arm) -> dict:
+        """The Optuna distributions of :meth:`params` (for ``optuna.trial.create_trial``)."""
+        out: dict = {"base": CategoricalDistribution([b.name for b in self.config.bases])}
+        if len(self.methods_of(arm.base)) > 1:
+            out[f"method_{arm.base}"] = CategoricalDistribution(self.methods_of(arm.base))
+        if arm.method == "dus":
+            out[self.m_param(arm.base)] = _m_distribution(self.m_values[arm.base])
+        if self.config.repeats > 1:
+            out["repeat"] = IntDistribution(0, self.config.repeats - 1)
+        return out
+
     def arms(self) -> list[Arm]:
         """Every configuration of the study."""
         out = []
@@ -110,26 +126,33 @@ class SearchSpace:
             return None
         return Arm(base, method, m, params.get("repeat", 0))
 
-    def taken(self, study: optuna.Study, exclude: int | None = None) -> set[Arm]:
-        """Configurations that ran, are running or are queued (a crashed trial's is free again).
+    def trial_arm(self, trial) -> Arm | None:
+        """The configuration of a (frozen) trial: its parameters, or the fixed ones of a queued trial."""
+        params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+        return self.arm_of(params)
+
+    def holders(self, study: optuna.Study, exclude: int | None = None) -> dict[Arm, list[int]]:
+        """Configuration -> numbers of the trials that ran it, run it or are queued to run it.
 
         A trial that failed with a recorded reason (divergence, a broken variant) keeps its
-        configuration: rerunning it would fail the same way. One that died without a
-        reason (killed, stale) gives its configuration back.
+        configuration: rerunning it would fail the same way. One that died without a reason
+        (killed, stale, interrupted) gives its configuration back, and so does a trial that
+        stood down because another trial held its configuration (``duplicate_of``).
         """
-        out = set()
+        out: dict[Arm, list[int]] = {}
         for t in study.get_trials(deepcopy=False):
-            if t.number == exclude:
+            if t.number == exclude or "duplicate_of" in t.user_attrs:
                 continue
             if t.state == TrialState.FAIL and "fail_reason" not in t.user_attrs:
                 continue
-            params = dict(t.params)
-            if t.state == TrialState.WAITING:
-                params.update(t.system_attrs.get("fixed_params", {}))
-            arm = self.arm_of(params)
+            arm = self.trial_arm(t)
             if arm is not None:
-                out.add(arm)
+                out.setdefault(arm, []).append(t.number)
         return out
+
+    def taken(self, study: optuna.Study, exclude: int | None = None) -> set[Arm]:
+        """Configurations that ran, are running or are queued (see :meth:`holders`)."""
+        return set(self.holders(study, exclude))
 
     def open_values(self, partial: dict, name: str, taken: set[Arm]) -> list:
         """Values of parameter ``name`` that, given ``partial``, still reach an untaken configuration."""
@@ -219,4 +242,36 @@ def enqueue_controls(study: optuna.Study, space: SearchSpace) -> list[Arm]:
         if arm not in taken:
             study.enqueue_trial(space.params(arm), skip_if_exists=True)
             queued.append(arm)
+    return queued
+
+
+def requeue_lost(study: optuna.Study, space: SearchSpace) -> list[Arm]:
+    """Queue again each configuration whose trial died without a reason and that no trial holds now.
+
+    A killed or interrupted trial is failed without a reason and frees its configuration; this
+    puts it back at the front of the queue so it runs next. A configuration whose worker died
+    :data:`MAX_KILLS` times (interruptions by the user not counted) is retired instead, with a
+    failed trial that records why. Call it where no other worker samples at the same time.
+    """
+    lost: dict[Arm, list] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        arm = space.trial_arm(t)
+        if arm is not None and "fail_reason" not in t.user_attrs and "duplicate_of" not in t.user_attrs:
+            lost.setdefault(arm, []).append(t)
+    taken = space.taken(study)
+    queued = []
+    for arm, dead in lost.items():
+        if arm in taken:
+            continue
+        kills = [t for t in dead if not t.user_attrs.get("interrupted")]
+        attrs = {**arm.to_dict(), "retry_of": dead[-1].number}
+        if len(kills) >= MAX_KILLS:
+            reason = (f"its worker died {len(kills)} times running this configuration (trials "
+                      f"{', '.join(str(t.number) for t in kills)}; out of memory?); not run again")
+            study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, params=space.params(arm),
+                                                      distributions=space.distributions(arm),
+                                                      user_attrs={**attrs, "fail_reason": reason}))
+            continue
+        study.enqueue_trial(space.params(arm), user_attrs=attrs)
+        queued.append(arm)
     return queued

@@ -2,18 +2,28 @@
 
 With no options this runs the packaged default study (the zoo's small base models, the
 synthetic corpus, offline, on the CPU or a GPU when present). Rerunning the same command
-continues to ``--trials`` finished trials without redoing finished work; several
-processes pointed at one storage share the work.
+continues to ``--trials`` finished trials without redoing finished work, also after a
+crash, a kill, Ctrl-C or SIGTERM: the trial that was cut short runs again. Several processes pointed
+at one journal or PostgreSQL storage share the work (SQLite takes one worker).
 
     python -m ablate.study --trials 20
     python -m ablate.study --config studies/smoke.yaml --trials 3 --out /tmp/runs
-    python -m ablate.study --config studies/hub-small.yaml --storage postgresql://u:p@db/ablate --trials 60
+    python -m ablate.study --config studies/hub-small.yaml --storage postgresql://u@db/ablate --trials 60
+
+``trust_remote_code`` (models that ship their own code) needs both ``trust_remote_code: true``
+in the study config, so the record says so, and ``--trust-remote-code`` on the command line, so
+a config file alone can never run code.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import re
+import shutil
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -32,54 +42,136 @@ def _device(choice: str) -> str:
     return choice
 
 
-def _finished(study) -> int:
+def _counts(study) -> tuple[int, int, int]:
+    """(finished, running, waiting) trials: finished means complete or pruned."""
     from optuna.trial import TrialState
 
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    finished = sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states)
+    return finished, states.count(TrialState.RUNNING), states.count(TrialState.WAITING)
 
 
-def _running(study) -> int:
-    from optuna.trial import TrialState
+def _storage_for(study_dir: Path, storage: str | None, recorded: str | None) -> str:
+    """The storage URL of this run: the one given, else the one the study was started with."""
+    from ablate.storage import canonical_url, default_storage_url, redact
 
-    return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    storage = canonical_url(storage) if storage is not None else None
+    default = default_storage_url(study_dir)
+    # the default SQLite file of a study folder that was moved or copied since: use the one here
+    moved = recorded is not None and recorded.startswith("sqlite:///") and \
+        recorded.endswith(f"/{study_dir.name}/study.db")
+    if storage is None:
+        if recorded and "***" in recorded:
+            raise UserError(f"study {study_dir.name!r} uses a storage with a password, which is never recorded; "
+                            "pass it again with --storage")
+        return default if recorded is None or moved else recorded
+    if recorded is not None and redact(storage) != recorded and not (moved and storage == default):
+        raise UserError(f"study {study_dir.name!r} in {study_dir.parent} was started with --storage {recorded}; "
+                        "continue it with that storage, or start a new study with --study NAME")
+    return storage
 
 
-def _check_m(config, depths: dict[str, int]) -> None:
-    for b in config.bases:
-        n = depths[b.name]
-        bad = [m for m in (b.m or []) if not 0 <= m < n]
-        if bad:
-            raise UserError(f"bases[{b.name}].m: {bad} out of range for n={n}; choose 0 <= m < {n}")
-
-
-def _prepare(config, out: Path, storage: str | None, device: str):
+def _prepare(config, out: Path, storage: str | None, device: str, trust_remote_code: bool, progress: bool):
     """Validate everything a study needs before anything is written; return what it needs."""
+    from ablate.check import check_writable, validate_study
     from ablate.evaluate import direction
-    from ablate.storage import default_storage_url, open_storage, redact
-    from ablate.trial import base_depth
+    from ablate.storage import check_storage_url, default_storage_url, open_storage, redact, storage_kind
 
-    depths = {b.name: base_depth(b.model, trust_remote_code=config.trust_remote_code) for b in config.bases}
-    _check_m(config, depths)
+    device = _device(device)
     study_dir = out / config.name
+    check_writable(study_dir)
     info_path = study_dir / "study.json"
-    resolved = config.model_dump(mode="json")
+    recorded = None
     if info_path.is_file():
-        recorded = json.loads(info_path.read_text())
-        if recorded.get("config") != resolved:
+        info = json.loads(info_path.read_text())
+        if info.get("config") != config.model_dump(mode="json"):
             raise UserError(f"study {config.name!r} in {out} was run with another config; rerun it with the same "
                             "config, or start a new study with --study NAME")
-        storage = storage or recorded.get("storage")
-        if storage and "***" in storage:
-            raise UserError(f"study {config.name!r} uses a storage with a password; pass it again with --storage")
-    url = storage or default_storage_url(study_dir)
-    if storage is not None:
-        open_storage(url)  # an unreachable or malformed URL fails here, before any folder exists
-    return depths, study_dir, url, redact(url), direction(config.eval.objective), _device(device)
+        recorded = info.get("storage")
+    url = _storage_for(study_dir, storage, recorded)
+    if url != default_storage_url(study_dir):  # the default's folder is the study folder, made later
+        check_storage_url(url)
+    if storage_kind(url) in ("postgresql", "mysql"):
+        open_storage(url)  # an unreachable server fails now, before minutes of data building
+    depths = validate_study(config, trust_remote_code=trust_remote_code, progress=progress)
+    return depths, study_dir, url, redact(url), direction(config.eval.objective), device
+
+
+def _recover(study, space, worker, study_dir: Path) -> None:
+    """Fail the trials of dead workers, queue their configurations again, tidy ``trials/``.
+
+    Runs under the worker's sampling lock, so no other worker samples meanwhile.
+    """
+    from optuna.trial import TrialState
+
+    from ablate.search import requeue_lost
+    from ablate.storage import WORKER_ATTR
+
+    trials_dir = study_dir / "trials"
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if worker.is_dead(t):
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            print(f"trial {t.number} was left running by a worker that is gone; its configuration runs again")
+    running = set()
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.RUNNING:
+            running.add(t.number)
+        elif t.state == TrialState.FAIL and "fail_reason" not in t.user_attrs:
+            # a folder written just before its worker died was never recorded: the retry replaces it
+            shutil.rmtree(trials_dir / str(t.number), ignore_errors=True)
+    requeue_lost(study, space)
+    for path in trials_dir.glob(".*"):  # atomic_dir temporaries of trials that are no longer running
+        match = re.match(r"^\.(\d+)\.(partial|old)-", path.name)
+        if match and int(match.group(1)) not in running:
+            shutil.rmtree(path, ignore_errors=True)
+    worker.sweep(keep={t.system_attrs.get(WORKER_ATTR, {}).get("lock") for t in
+                       study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))})
+
+
+def _quiet_libraries() -> None:
+    """No progress bars from transformers and datasets (weight loading, file reading)."""
+    import os
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    else:  # read when datasets is imported; a cached corpus never imports it (two seconds saved)
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+
+
+def _report(study, trial) -> None:
+    if trial.state.name == "FAIL" and "fail_reason" in trial.user_attrs:
+        print(f"trial {trial.number} failed: {trial.user_attrs['fail_reason']}")
 
 
 def run_study(config, *, trials: int, out: str | Path = "runs", storage: str | None = None,
-              device: str = "auto", progress: bool = True) -> dict:
-    """Run (or continue) the study until it has ``trials`` finished trials; return its summary."""
+              device: str = "auto", progress: bool = True, trust_remote_code: bool = False) -> dict:
+    """Run (or continue) the study until it has ``trials`` finished trials; return its summary.
+
+    ``trust_remote_code`` is the command line's permission: a config that sets
+    ``trust_remote_code: true`` is refused without it. Everything is validated before the
+    study folder is created; a Ctrl-C (KeyboardInterrupt) leaves a study a rerun continues.
+    """
+    from ablate.storage import Worker
+
+    if trials < 1:
+        raise UserError(f"--trials {trials}: a study needs at least one trial")
+    out = Path(out).expanduser()
+    if not progress:
+        _quiet_libraries()
+    depths, study_dir, url, shown_url, direction, device = _prepare(config, out, storage, device,
+                                                                     trust_remote_code, progress)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    worker = Worker(url, config.name, study_dir)
+    try:
+        return _run(config, trials, depths, study_dir, url, shown_url, direction, device, progress, worker)
+    finally:
+        worker.close()
+
+
+def _run(config, trials, depths, study_dir, url, shown_url, direction, device, progress, worker) -> dict:
     import optuna
 
     from ablate.fsutil import atomic_dir, atomic_write_json
@@ -90,19 +182,9 @@ def run_study(config, *, trials: int, out: str | Path = "runs", storage: str | N
     from ablate.summary import print_summary
     from ablate.trial import TrialFailed, Workspace
 
-    if trials < 1:
-        raise UserError(f"--trials {trials}: a study needs at least one trial")
-    out = Path(out).expanduser()
-    depths, study_dir, url, shown_url, direction, device = _prepare(config, out, storage, device)
-    study_dir.mkdir(parents=True, exist_ok=True)
-    tasks_dir = study_dir / "tasks"
-    if config.eval.synthetic_tasks and not tasks_dir.is_dir():
-        from ablate.synthetic import write_eval_tasks
-
-        with atomic_dir(tasks_dir) as tmp:
-            write_eval_tasks(tmp)
     space = SearchSpace(config, depths)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Optuna logs a failed trial with its traceback; we print one line per failure instead
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(study_name=config.name, storage=open_storage(url), direction=direction,
                                 sampler=make_sampler(config, space), pruner=make_pruner(config),
                                 load_if_exists=True)
@@ -110,28 +192,48 @@ def run_study(config, *, trials: int, out: str | Path = "runs", storage: str | N
         atomic_write_json(study_dir / "study.json", {"name": config.name, "storage": shown_url,
                                                      "direction": direction, "config": config.model_dump(mode="json"),
                                                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    enqueue_controls(study, space)
+    tasks_dir = study_dir / "tasks"
+    if config.eval.synthetic_tasks and not tasks_dir.is_dir():
+        from ablate.synthetic import write_eval_tasks
+
+        try:
+            with atomic_dir(tasks_dir) as tmp:
+                write_eval_tasks(tmp, final=tasks_dir)
+        except FileExistsError:  # another worker wrote them first (the same files)
+            pass
     workspace = Workspace(config, device, tasks_dir if config.eval.synthetic_tasks else None, progress=progress)
-    objective = Objective(space, workspace, study_dir, direction)
+    objective = Objective(space, workspace, study_dir, direction, worker=worker)
     csv = study_dir / "results.csv"
     total = len(space.arms())
-    while _finished(study) + _running(study) < trials:
-        if len(space.taken(study)) >= total:
-            print(f"all {total} configurations of the study have run; raise repeats or widen the m ranges "
-                  "for more trials")
-            break
-        done = _finished(study)
-        if progress:
-            print(f"trial {done + 1}/{trials} of study {config.name!r}")
-        study.optimize(objective, n_trials=1, catch=(TrialFailed,),
-                       callbacks=[lambda s, t: write_csv(s, csv)])
-    write_csv(study, csv)
+    with worker.sampling():
+        enqueue_controls(study, space)
+    try:
+        while True:
+            with worker.sampling():  # released by the objective once the trial's configuration is stored
+                _recover(study, space, worker, study_dir)
+                done, running, waiting = _counts(study)
+                if done + running >= trials:
+                    break
+                if not waiting and len(space.taken(study)) >= total:
+                    print(f"all {total} configurations of the study have run; raise repeats or widen the m ranges "
+                          "for more trials")
+                    break
+                if progress:
+                    print(f"trial {done + running + 1}/{trials} of study {config.name!r}")
+                study.optimize(objective, n_trials=1, catch=(TrialFailed,),
+                               callbacks=[_report, lambda s, t: write_csv(s, csv)])
+    finally:
+        with contextlib.suppress(Exception):  # also after Ctrl-C: the table shows the interrupted trial
+            write_csv(study, csv)
     return print_summary(study, space, study_dir)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    from ablate.config import apply_overrides  # noqa: F401  (re-exported for --help readers)
     from ablate.config import load_study_config
 
     parser = argparse.ArgumentParser(
@@ -151,13 +253,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--study", default=None, help="study name (default: the config's name), e.g. --study lr-1e-3")
     parser.add_argument("--storage", default=None,
                         help="Optuna storage URL: default sqlite in <out>/<study>/study.db; journal:PATH.log for "
-                             "several workers on one machine; postgresql://user:pass@host/db across machines")
+                             "several workers on one machine; postgresql://user@host/db across machines (password in "
+                             "PGPASSWORD or ~/.pgpass; one written in the URL is never recorded)")
     parser.add_argument("--out", default="runs", help="output folder (default runs/): <out>/<study>/ holds results")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override a config value, e.g. --set train.tokens=200000 (repeatable)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1")
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampler and of training (default: config)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow hub models to run their own code; needed (with trust_remote_code: true in "
+                             "the config) for architectures transformers does not ship")
     args = parser.parse_args(argv)
     if args.trials < 1:
         raise UserError(f"--trials {args.trials}: a study needs at least one trial; e.g. --trials 20")
@@ -167,8 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed is not None:
         overrides += [f"sampler.seed={args.seed}", f"train.seed={args.seed}"]
     config = load_study_config(args.config, overrides)
-    run_study(config, trials=args.trials, out=args.out, storage=args.storage, device=args.device,
-              progress=not args.quiet)
+    # SIGTERM (a scheduler's preemption, `kill PID`) ends the run like Ctrl-C: the trial cut short is
+    # recorded as interrupted, not as a crash of its configuration
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        run_study(config, trials=args.trials, out=args.out, storage=args.storage, device=args.device,
+                  progress=not args.quiet, trust_remote_code=args.trust_remote_code)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to continue", file=sys.stderr)
+        sys.exit(130)
     return 0
 
 

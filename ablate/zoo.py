@@ -81,7 +81,7 @@ ZOO: dict[str, ZooSpec] = {
                 description="The deeper base: 6 Mistral layers with grouped-query attention and "
                 "a 64-token sliding window; DUS gives 6 to 12 layers.",
                 num_layers=6, hidden_size=64, intermediate_size=192, num_heads=4, num_kv_heads=2,
-                sliding_window=64, train_tokens=2_097_152, lr=6e-3),
+                sliding_window=64, train_tokens=2_621_440, lr=6e-3),
         ZooSpec(name="tiny-2l", family="llama",
                 description="Test-sized: 2 Llama layers at hidden 32, built in seconds; for the smoke "
                 "study and CI, too small for findings.",

@@ -1,0 +1,265 @@
+"""Bad input to every user-facing command: one line naming the problem (and the fix), exit code 2,
+no traceback, and nothing created or changed (no study folder, no export, the inputs untouched).
+
+Most cases call ``main(argv)`` in-process; a few run as real subprocesses. Study configs are
+checked before the study folder exists, so a budget smaller than one step, a tokenizer that
+does not fit the model or an empty corpus fail at once, not at the first trial.
+"""
+
+import importlib
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from _studykit import make_kit, save_checkpoint, tokenizer_of
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    command: str  # ablate.<command>
+    argv: object  # callable(Inputs) -> list[str]
+    expect: str  # a fragment of the one-line message
+    subprocess: bool = False
+
+
+class Inputs:
+    """Bad inputs, built once: broken checkpoints, corpora and configs."""
+
+    def __init__(self, kit, root: Path):
+        self.kit, self.root = kit, root
+        tok = tokenizer_of(kit)
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=2, n_embd=32, n_head=2,
+                                                              vocab_size=len(tok))).save_pretrained(root / "gpt2")
+        tok.save_pretrained(root / "gpt2")
+        save_checkpoint(root / "small-vocab", tok, vocab_size=100)  # the tokenizer has 300 tokens
+        save_checkpoint(root / "qwen", tok, family="qwen2")
+        (root / "not-a-checkpoint").mkdir()
+        (root / "unknown-arch").mkdir()
+        (root / "unknown-arch" / "config.json").write_text(json.dumps({"model_type": "foo", "num_hidden_layers": 2}))
+        shutil.copy(kit.base / "model.safetensors", root / "unknown-arch")
+        (root / "pickled").mkdir()
+        shutil.copy(kit.base / "config.json", root / "pickled")
+        (root / "pickled" / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+        (root / "empty.txt").write_text("")
+        (root / "no-text.jsonl").write_text('{"body": "the cat sat"}\n' * 50)
+        (root / "malformed.yaml").write_text("name: [unclosed\nbases: []\n")
+        (root / "unsafe.yaml").write_text('name: !!python/object/apply:os.system ["echo pwned"]\n')
+        (root / "export-exists").mkdir()
+        (root / "export-exists" / "keep.txt").write_text("keep")
+        (root / "a-file").write_text("not a folder")
+
+    def config(self, name: str, **overrides) -> str:
+        return str(self.kit.write(self.root / "configs", name, **overrides))
+
+    def named(self, filename: str, name: str) -> str:
+        """A config file whose study name is ``name`` (the file name is safe)."""
+        path = self.root / "configs" / f"{filename}.yaml"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(yaml.safe_dump({**self.kit.tree(), "name": name}))
+        return str(path)
+
+    def base(self, path: str, **extra) -> str:
+        return self.config(Path(path).name, bases=[{"model": str(self.root / path), **extra}])
+
+    def train(self, name: str, **fields) -> str:
+        return self.config(name, train={**self.kit.tree()["train"], **fields})
+
+    def data(self, name: str, **fields) -> str:
+        return self.config(name, data={**self.kit.tree()["data"], **fields})
+
+    def m(self, name: str, values) -> str:
+        return self.config(name, bases=[{"model": str(self.kit.base), "label": "tiny", "m": values}])
+
+
+def study(*extra):
+    return lambda i: ["--config", i.config("ok"), *extra]
+
+
+CASES = [
+    # ablate.study: the config file
+    Case("malformed-yaml", "study", lambda i: ["--config", str(i.root / "malformed.yaml")],
+         "is not valid YAML at line 2", subprocess=True),
+    Case("unsafe-yaml-tag", "study", lambda i: ["--config", str(i.root / "unsafe.yaml")],
+         "could not determine a constructor for the tag"),
+    Case("missing-config", "study", lambda i: ["--config", str(i.root / "nope.yaml")], "nope.yaml does not exist"),
+    Case("unknown-top-level-key", "study", lambda i: ["--config", i.config("typo", trainn=1)], "trainn: unknown key"),
+    Case("unknown-nested-key", "study", lambda i: ["--config", i.train("lrr", lrr=1e-3)], "train.lrr: unknown key"),
+    Case("wrong-type", "study", lambda i: ["--config", i.train("lots", tokens="lots")],
+         "train.tokens: Input should be a valid integer"),
+    Case("nan-learning-rate", "study", lambda i: ["--config", i.train("nan", lr=float("nan"))],
+         "train.lr: Input should be a finite number"),
+    Case("nan-learning-rate-set", "study", study("--set", "train.lr=.nan"), "train.lr: Input should be a finite"),
+    Case("malformed-set", "study", study("--set", "train.lr"), "is not key.path=value"),
+    Case("top-k-above-experts", "study",
+         lambda i: ["--config", i.config("topk", methods={"dus": True, "moe": {"experts": 2, "top_k": 3}})],
+         "top_k=3 exceeds experts=2"),
+    # ablate.study: m and trials
+    Case("negative-m", "study", lambda i: ["--config", i.m("neg", [-1])],
+         "[-1] out of range for n=4; choose 0 <= m < 4"),
+    Case("m-at-least-n", "study", lambda i: ["--config", i.m("big", [1, 4])], "[4] out of range for n=4"),
+    Case("empty-m-range", "study", lambda i: ["--config", i.m("empty", [])], "the m list is empty"),
+    Case("zero-trials", "study", study("--trials", "0"), "--trials 0: a study needs at least one trial",
+         subprocess=True),
+    Case("negative-trials", "study", study("--trials", "-3"), "--trials -3: a study needs at least one trial"),
+    # ablate.study: bases
+    Case("unknown-base-name", "study", lambda i: ["--config", i.config("unk", bases=[{"model": "no-such-model"}])],
+         "unknown base model 'no-such-model'"),
+    Case("not-a-checkpoint", "study", lambda i: ["--config", i.base("not-a-checkpoint")],
+         "is not a Hugging Face checkpoint: it has no config.json"),
+    Case("unsupported-architecture", "study", lambda i: ["--config", i.base("gpt2")],
+         "unsupported architecture 'gpt2'"),
+    Case("unknown-architecture", "study", lambda i: ["--config", i.base("unknown-arch")],
+         "does not know the architecture 'foo'"),
+    Case("pickled-weights", "study", lambda i: ["--config", i.base("pickled")], "holds only pickled weights"),
+    Case("moe-of-unsupported-family", "study", lambda i: ["--config", i.base("qwen")],
+         "the MoE upcycle supports llama, mistral models, not 'qwen2'; set moe: false"),
+    Case("tokenizer-vocab-mismatch", "study", lambda i: ["--config", i.base("small-vocab")],
+         "its tokenizer has 300 tokens but the model's vocab_size is 100"),
+    Case("trust-remote-code-without-flag", "study", lambda i: ["--config", i.config("trc", trust_remote_code=True)],
+         "pass --trust-remote-code"),
+    # ablate.study: data and budget
+    Case("empty-corpus", "study", lambda i: ["--config", i.data("empty", source=str(i.root / "empty.txt"))],
+         "is empty; remove it or fill it with text"),
+    Case("corpus-without-text-field", "study",
+         lambda i: ["--config", i.data("notext", source=str(i.root / "no-text.jsonl"))], "has no field 'text'"),
+    Case("corpus-too-small", "study", lambda i: ["--config", i.train("much", tokens=10_000_000)], "ran out of text"),
+    Case("budget-below-one-step", "study", lambda i: ["--config", i.train("budget", tokens=128)],
+         "tokens=128 is smaller than one step"),
+    Case("step-not-a-multiple", "study", lambda i: ["--config", i.train("mult", tokens_per_step=300)],
+         "tokens_per_step=300 is not a multiple"),
+    Case("eval-rows-above-held-out", "study", lambda i: ["--config", i.train("rows", eval_rows=64)],
+         "train.eval_rows=64 but data.val_tokens=256"),
+    # ablate.study: where results go
+    Case("unreachable-storage", "study", study("--storage", "postgresql://bob:s3cr3t-pw@127.0.0.1:1/db"),
+         "cannot open storage postgresql://bob:***@127.0.0.1:1/db"),
+    Case("mistyped-storage", "study", study("--storage", "postgress://bob:s3cr3t-pw@127.0.0.1/db"),
+         "is not a supported URL"),
+    Case("storage-folder-missing", "study", study("--storage", "sqlite:////nonexistent-dir/x.db"),
+         "SQLite storage folder /nonexistent-dir does not exist"),
+    Case("study-name-with-separator", "study", study("--study", "../escape"), "no path separators"),
+    Case("study-name-in-config-with-separator", "study", lambda i: ["--config", i.named("sep", "a/../../b")],
+         "no path separators"),
+    Case("unwritable-out", "study", study("--out", "/proc/ablate-out"), "cannot write to /proc"),
+    Case("out-under-a-file", "study", lambda i: ["--config", i.config("ok"), "--out", str(i.root / "a-file")],
+         "is a file, not a folder"),
+    Case("cuda-without-cuda", "study", study("--device", "cuda"), "CUDA is not available here"),
+    # ablate.upscale / ablate.moe (exports)
+    Case("upscale-negative-m", "upscale", lambda i: [str(i.kit.base), "--m", "-1", "--out", i.out],
+         "m=-1 is out of range for n=4", subprocess=True),
+    Case("upscale-m-at-least-n", "upscale", lambda i: [str(i.kit.base), "--m", "4", "--out", i.out],
+         "m=4 is out of range"),
+    Case("upscale-existing-out", "upscale", lambda i: [str(i.kit.base), "--m", "1", "--out",
+                                                       str(i.root / "export-exists")], "already exists"),
+    Case("upscale-not-a-checkpoint", "upscale",
+         lambda i: [str(i.root / "not-a-checkpoint"), "--m", "1", "--out", i.out], "has no config.json"),
+    Case("upscale-unsupported-architecture", "upscale", lambda i: [str(i.root / "gpt2"), "--m", "1", "--out", i.out],
+         "has no model.layers"),
+    Case("upscale-pickled-weights", "upscale", lambda i: [str(i.root / "pickled"), "--m", "1", "--out", i.out],
+         "holds only pickled weights"),
+    Case("moe-top-k-above-experts", "moe",
+         lambda i: [str(i.kit.base), "--experts", "2", "--top-k", "3", "--out", i.out], "top-k=3 exceeds experts=2"),
+    Case("moe-zero-experts", "moe", lambda i: [str(i.kit.base), "--experts", "0", "--top-k", "1", "--out", i.out],
+         "must both be at least 1"),
+    Case("moe-unsupported-family", "moe", lambda i: [str(i.root / "qwen"), "--experts", "2", "--top-k", "1",
+                                                     "--out", i.out], "supported architectures: llama, mistral"),
+    Case("moe-existing-out", "moe", lambda i: [str(i.kit.base), "--experts", "2", "--top-k", "1", "--out",
+                                               str(i.root / "export-exists")], "already exists"),
+    # ablate.zoo, ablate.figures, ablate.check
+    Case("zoo-unknown-model", "zoo", lambda i: ["build", "no-such"], "unknown zoo model 'no-such'", subprocess=True),
+    Case("figures-not-a-study", "figures", lambda i: ["--study", str(i.root / "not-a-checkpoint"), "--out", i.out],
+         "is a study folder with a study.json"),
+    Case("figures-zero-rows", "figures", lambda i: ["--study", "x", "--out", i.out, "--rows", "0"], "--rows 0"),
+    Case("check-not-a-study", "check", lambda i: [str(i.root / "not-a-checkpoint")], "is not a study folder"),
+]
+EXPORT_UNWRITABLE = [  # see the report: ablate/export.py lets the OSError of an unwritable --out through
+    Case("upscale-unwritable-out", "upscale", lambda i: [str(i.kit.base), "--m", "1", "--out", "/proc/ablate-x"],
+         "/proc"),
+    Case("moe-unwritable-out", "moe", lambda i: [str(i.kit.base), "--experts", "2", "--top-k", "1", "--out",
+                                                 "/proc/ablate-y"], "/proc"),
+]
+COMMANDS = {c.command for c in CASES}
+
+
+@pytest.fixture(scope="session")
+def inputs(tmp_path_factory):
+    kit = make_kit(tmp_path_factory.getbasetemp())
+    return Inputs(kit, tmp_path_factory.mktemp("bad-input"))
+
+
+def snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None
+            for p in sorted(root.rglob("*"))}
+
+
+def argv_of(case: Case, inputs: Inputs, tmp_path: Path) -> list[str]:
+    inputs.out = str(tmp_path / "out")
+    argv = case.argv(inputs)
+    if case.command == "study":
+        argv = [*argv, "--out", str(tmp_path / "out")] if "--out" not in argv else argv
+        argv = [*argv, "--quiet"]
+    return argv
+
+
+def run_case(case: Case, argv: list[str], inputs: Inputs, tmp_path: Path, capsys, monkeypatch) -> tuple[int, str]:
+    if case.subprocess:
+        done = subprocess.run([sys.executable, "-m", f"ablate.{case.command}", *argv], cwd=tmp_path,
+                              env=inputs.kit.env(), capture_output=True, text=True, timeout=120)
+        return done.returncode, done.stderr
+    monkeypatch.setenv("ABLATE_HOME", str(inputs.kit.home))
+    monkeypatch.chdir(tmp_path)
+    module = importlib.import_module(f"ablate.{case.command}")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(argv)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def check_case(case: Case, inputs: Inputs, tmp_path: Path, capsys, monkeypatch) -> None:
+    argv = argv_of(case, inputs, tmp_path)
+    before = snapshot(inputs.root)
+    code, err = run_case(case, argv, inputs, tmp_path, capsys, monkeypatch)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert case.expect in lines[0], lines[0]
+    assert "Traceback" not in err and "s3cr3t" not in err
+    assert not (tmp_path / "out").exists()
+    assert list(tmp_path.iterdir()) == []
+    assert snapshot(inputs.root) == before  # configs, checkpoints, corpora and existing exports untouched
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case, inputs, tmp_path, capsys, monkeypatch):
+    check_case(case, inputs, tmp_path, capsys, monkeypatch)
+
+
+@pytest.mark.parametrize("case", EXPORT_UNWRITABLE, ids=[c.id for c in EXPORT_UNWRITABLE])
+def test_bad_export_folder(case, inputs, tmp_path, capsys, monkeypatch):
+    check_case(case, inputs, tmp_path, capsys, monkeypatch)
+
+
+def test_a_study_run_with_another_config_is_left_alone(inputs, tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "out" / "ok"
+    folder.mkdir(parents=True)
+    (folder / "study.json").write_text(json.dumps({"name": "ok", "storage": None, "config": {"other": 1}}))
+    before = snapshot(tmp_path)
+    case = Case("resume-with-other-config", "study", study(), "was run with another config")
+    argv = argv_of(case, inputs, tmp_path)
+    code, err = run_case(case, argv, inputs, tmp_path, capsys, monkeypatch)
+    assert code == 2 and "was run with another config" in err and len(err.strip().splitlines()) == 1
+    assert snapshot(tmp_path) == before
+
+
+def test_every_command_has_cases():
+    modules = {p.stem for p in Path(importlib.import_module("ablate").__file__).parent.glob("*.py")}
+    assert {"study", "upscale", "moe"} <= COMMANDS
+    assert {m for m in ("zoo", "figures") if m in modules} <= COMMANDS
+    assert len(CASES) >= 25 and len({c.id for c in CASES}) == len(CASES)
