@@ -318,7 +318,7 @@ def accuracy(model, tokenizer, items: Sequence[dict], *, batch_size: int = 256) 
                 width = max(map(len, chunk))
                 ids = torch.tensor([r + [0] * (width - len(r)) for r in chunk])  # right padding
                 logp = model(input_ids=ids).logits.float().log_softmax(-1)
-                for j, row in enumerate(chunk):
+                for j in range(len(chunk)):
                     lo, hi = spans[start + j]
                     pos = torch.arange(lo, hi)
                     scores.append(logp[j, pos - 1, ids[j, pos]].sum().item())

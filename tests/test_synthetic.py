@@ -146,7 +146,7 @@ def test_tasks_load_and_score_end_to_end(tmp_path, tiny_tokenizer):
     out = simple_evaluate(model=lm, tasks=["synth"], task_manager=manager, log_samples=False,
                           bootstrap_iters=0)
     results = out["results"]
-    for k, name in zip((1, 2, 3), names):
+    for k, name in zip((1, 2, 3), names, strict=True):
         items = [json.loads(line) for line in (folder / f"{name}.jsonl").read_text().splitlines()]
         assert {it["k"] for it in items} == {k}
         assert results[name]["acc,none"] == pytest.approx(accuracy(model, tiny_tokenizer, items))

@@ -68,7 +68,7 @@ def test_micro_build_is_a_checkpoint_and_is_reused(home, monkeypatch):
     monkeypatch.setattr(ablate.train, "continue_pretraining", no_training)
     monkeypatch.setitem(zoo.ZOO, "micro", spec)
     model2, _ = zoo.load_base("micro")  # built already: loads, never trains
-    assert all((a == b).all() for a, b in zip(model.parameters(), model2.parameters()))
+    assert all((a == b).all() for a, b in zip(model.parameters(), model2.parameters(), strict=True))
 
 
 def test_interrupted_build_leaves_nothing_built(home, monkeypatch):
