@@ -53,9 +53,10 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
+from types import MappingProxyType
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -82,7 +83,8 @@ QUERY, TRACE = "apply", "trace"  # the words that open a reasoning document
 
 
 class SyntheticConfig(BaseModel):
-    """Knobs of the corpus. Changing any of them changes the documents (and the data cache key)."""
+    """Knobs of the corpus. ``ablate.data`` reads the defaults; editing one changes the documents
+    and, through this module's hash in the cache key, every packed cache built from them."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -122,10 +124,11 @@ class SyntheticConfig(BaseModel):
 
 
 @lru_cache(maxsize=8)
-def world(num_symbols: int = 10, num_functions: int = 4, world_seed: int = 0) -> dict[str, tuple[int, ...]]:
-    """The fixed permutations ``{"A": (A(0), A(1), ...), ...}`` of ``range(num_symbols)``.
+def world(num_symbols: int = 10, num_functions: int = 4, world_seed: int = 0) -> Mapping[str, tuple[int, ...]]:
+    """The fixed permutations ``{"A": (A(0), A(1), ...), ...}`` of ``range(num_symbols)`` (read-only).
 
-    Each is a derangement (no fixed point), so at k = 1 copying the start digit is always wrong.
+    Each is a derangement (no fixed point), so at k = 1 copying the start digit is always wrong
+    (a guesser that knows this and nothing else scores 1/9 instead of 1/10 at k = 1).
     """
     rng = random.Random(f"ablate-synthetic/world/{world_seed}")
     perms = {}
@@ -136,10 +139,10 @@ def world(num_symbols: int = 10, num_functions: int = 4, world_seed: int = 0) ->
             if all(p[i] != i for i in range(num_symbols)):
                 break
         perms[name] = tuple(p)
-    return perms
+    return MappingProxyType(perms)  # cached: callers must not be able to change the world
 
 
-def _world(config: SyntheticConfig) -> dict[str, tuple[int, ...]]:
+def _world(config: SyntheticConfig) -> Mapping[str, tuple[int, ...]]:
     return world(config.num_symbols, config.num_functions, config.world_seed)
 
 
@@ -151,7 +154,7 @@ def world_is_nonsolvable(config: SyntheticConfig | None = None) -> bool:
     return not PermutationGroup([Permutation(list(p)) for p in perms.values()]).is_solvable
 
 
-def apply(perms: dict[str, tuple[int, ...]], start: int, ops: Sequence[str]) -> int:
+def apply(perms: Mapping[str, tuple[int, ...]], start: int, ops: Sequence[str]) -> int:
     """The state after applying ``ops`` left to right to ``start``."""
     state = start
     for op in ops:
@@ -159,7 +162,7 @@ def apply(perms: dict[str, tuple[int, ...]], start: int, ops: Sequence[str]) -> 
     return state
 
 
-def query_item(perms: dict[str, tuple[int, ...]], start: int, ops: Sequence[str]) -> tuple[str, str]:
+def query_item(perms: Mapping[str, tuple[int, ...]], start: int, ops: Sequence[str]) -> tuple[str, str]:
     """``(context, answer)`` of one query: ``("7 A B =", "3")``."""
     return f"{start} {' '.join(ops)} =", str(apply(perms, start, ops))
 
@@ -362,8 +365,10 @@ def write_eval_tasks(folder: str | os.PathLike, *, levels: Sequence[int] = DEFAU
 
     Each task is a YAML plus a JSONL of :func:`eval_items`; load them with
     ``lm_eval.tasks.TaskManager(include_path=folder)``. Returns the task names, easiest first.
-    The YAMLs name their JSONL files by absolute path, so write the folder where it is used, or
-    pass ``final``: the folder the files will live in once ``folder`` is renamed there.
+    The YAMLs name their JSONL files by absolute path (lm-eval resolves relative ones against the
+    working directory), so write the folder where it is used, or pass ``final``: the folder the
+    files will live in once ``folder`` is renamed there. :func:`task_names` re-points a folder
+    that was moved after all.
     """
     levels = sorted(set(int(k) for k in levels))
     if not levels or levels[0] < 1:

@@ -7,6 +7,22 @@ and saves an ordinary Hugging Face checkpoint (safetensors, tokenizer, and ``zoo
 the spec, tokens, final held-out loss and wall time) under ``ablate_home()/zoo/<name>``,
 written with :func:`~ablate.fsutil.atomic_dir` so an interrupted build leaves nothing behind.
 
+Measured on the 2-core development machine (fp32, one thread, another job running; two builds
+gave bit-identical models). Accuracy is on 200 held-out items per level, chance 0.10:
+
+| model | params | tokens | build | val loss | k=1 | k=2 | k=3 | k=4 |
+|---|---|---|---|---|---|---|---|---|
+| llama-4l | 272,832 | 2.10M | 145-154 s | 1.420 | 1.00 | 0.475 | 0.105 | 0.09 |
+| mistral-6l | 355,008 | 2.62M | 218-261 s | 1.416 | 0.975 | 0.59 | 0.12 | 0.09 |
+
+Why these sizes: 64 wide with 16-wide heads (2 heads of 32 learned the single step unreliably),
+lr 6e-3 (at 3e-3 four layers learned k = 1 ~50% later; 1e-3 left 8 layers at chance), and
+2,048-2,560 steps of 1,024 tokens: the 6-layer model crosses k = 1 at ~1,750 steps, so it gets
+more tokens. Short CPT of their DUS variants (lr 1e-3, the study's 64k tokens, one thread):
+DUS(mistral-6l, m=0), 12 layers, 11.4 s (6.3k tokens/s); DUS(llama-4l, m=0), 8 layers, 7.3-7.9
+s; lm-eval on 4 x 100 items 2.2 s. Losses after that CPT: 8 layers 1.401 vs the 4-layer base
+1.400 (256k tokens: 1.397 vs 1.396); lr 3e-4 was no better and 3e-3 worse at 6 and 12 layers.
+
     python -m ablate.zoo list
     python -m ablate.zoo build [NAME ...]
 """
@@ -37,9 +53,9 @@ TOKENIZER_VOCAB = 512
 TOKENIZER_DOCS = 5_000  # documents the BPE is trained on: ~1 s, and every word is seen many times
 TOKENIZER_SEED = 10_007  # a stream of its own, so no pretraining or CPT document is reused
 EOS = "<|endoftext|>"
-# Zoo models have 64-wide matrices: a second CPU thread gained at most ~15% per step on the
-# development machine, while any other busy process turned OpenMP's waits into 10-30x slower
-# steps. One thread is the robust choice; it is restored after the build.
+# CPU threads of a build. Zoo matrices are 64 wide: on an idle 2-core machine 2 threads trained
+# ~1.6x faster than 1 (26k vs 16k tokens/s for llama-4l), but with one other busy process 3x
+# slower (5-6k vs 15-16k tokens/s): OpenMP threads wait on each other. 1 is the robust default.
 BUILD_THREADS = 1
 PROBE_ITEMS = 200  # items per level of the calibration probe stored in zoo.json (seed 0: the
 # same items write_eval_tasks writes by default)
@@ -153,20 +169,26 @@ def model_config(spec: ZooSpec, vocab_size: int):
     return AutoConfig.for_model(spec.family, **kwargs)
 
 
-def build(name: str | ZooSpec, *, force: bool = False, progress: bool = True) -> Path:
-    """Pretrain zoo model ``name`` (or a given spec) unless already built; return its folder."""
+def build(name: str | ZooSpec, *, force: bool = False, progress: bool = True,
+          threads: int = BUILD_THREADS) -> Path:
+    """Pretrain zoo model ``name`` (or a given spec) unless already built; return its folder.
+
+    ``threads`` CPU threads train it (the caller's setting is restored afterwards).
+    """
     import torch
 
+    if threads < 1:
+        raise UserError(f"threads={threads}: a build needs at least one CPU thread")
     spec = name if isinstance(name, ZooSpec) else _spec(name)
     final = zoo_dir(spec.name)
     if is_built(spec) and not force:
         return final
-    threads = torch.get_num_threads()
-    torch.set_num_threads(BUILD_THREADS)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         return _build(spec, final, progress)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 def _build(spec: ZooSpec, final: Path, progress: bool) -> Path:
@@ -276,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build", help="pretrain the named zoo models (default: all) that are not built")
     b.add_argument("names", nargs="*", metavar="NAME", help=f"zoo names: {', '.join(ZOO)}")
     b.add_argument("--force", action="store_true", help="rebuild even when built")
+    b.add_argument("--threads", type=int, default=BUILD_THREADS, help="CPU threads (default "
+                   f"{BUILD_THREADS}: robust when other processes share the cores; 2 is ~1.6x "
+                   "faster on an idle 2-core machine)")
     args = parser.parse_args(argv)
     if args.command == "list":
         _list()
@@ -283,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.names or list(ZOO):
         _spec(name)  # every name checked before the first (minutes-long) build starts
     for name in args.names or list(ZOO):
-        print(f"{name}: {build(name, force=args.force)}")
+        print(f"{name}: {build(name, force=args.force, threads=args.threads)}")
     return 0
 
 

@@ -163,3 +163,16 @@ def test_moved_task_folder_still_loads(tmp_path):
     docs = list(loaded["tasks"]["synth_k1"].test_docs())
     assert len(docs) == 5 and docs[0]["context"].startswith("apply ")
     assert task_names(None) == []
+
+
+def test_tasks_written_for_their_final_folder(tmp_path):
+    """Written in a temporary folder with final=..., the YAMLs already point at the final folder."""
+    import yaml
+
+    write_eval_tasks(tmp_path / "tmp", levels=(1,), items_per_level=5, final=tmp_path / "final")
+    text = (tmp_path / "tmp" / "synth_k1.yaml").read_text()
+    (tmp_path / "tmp").rename(tmp_path / "final")
+    written = yaml.safe_load(text)["dataset_kwargs"]["data_files"]["test"]
+    assert written == str((tmp_path / "final" / "synth_k1.jsonl").resolve())
+    assert task_names(tmp_path / "final") == ["synth_k1"]
+    assert (tmp_path / "final" / "synth_k1.yaml").read_text() == text  # nothing to re-point
