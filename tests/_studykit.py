@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import yaml
 
 WORDS = ("the cat dog sat ran on under a big small red blue tree mat and sleeps runs "
@@ -246,3 +247,39 @@ def finished_arms(trials) -> list[tuple]:
     """(base, method, m, repeat) of the complete or pruned trials, in trial order."""
     return [(t.user_attrs["base"], t.user_attrs["method"], t.user_attrs.get("m"), t.user_attrs["repeat"])
             for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+
+
+@pytest.fixture(scope="session")
+def kit(tmp_path_factory):
+    """The tiny study kit, built once per session (import this fixture into a test module)."""
+    return make_kit(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture
+def home(kit, monkeypatch):
+    """The kit for in-process runs: its data cache, and one torch thread (tiny matrices gain nothing
+    from two, and lose much when other processes share the cores)."""
+    import torch
+
+    monkeypatch.setenv("ABLATE_HOME", str(kit.home))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield kit
+    torch.set_num_threads(threads)
+
+
+def kill_one_of_three(kit: Kit, args: list[str], cwd: Path, study_dir: Path, storage: str):
+    """Start three workers, SIGKILL the one running a trial mid-trial, let the others finish.
+
+    Returns ``(victim trial, survivors' completed processes)``; asserts both survivors exit 0.
+    """
+    from ablate.storage import WORKER_ATTR
+
+    workers = [kit.start(args, cwd) for _ in range(3)]
+    victim = freeze_when(workers, Watcher(study_dir, storage).running)
+    killed = next(w for w in workers if w.pid == victim.system_attrs[WORKER_ATTR]["pid"])
+    kill(killed)
+    thaw(workers)
+    survivors = [finish(w) for w in workers if w is not killed]
+    assert [s.returncode for s in survivors] == [0, 0], [s.stderr for s in survivors]
+    return victim, survivors

@@ -17,6 +17,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
+# The tiny-study fixtures (kit, home) of tests/_studykit.py, for every test module.
+pytest_plugins = ["_studykit"]
+
 FAMILIES = ("llama", "mistral", "qwen2")
 
 

@@ -14,7 +14,12 @@ import uuid
 
 import optuna
 import pytest
-from _studykit import Watcher, finish, finished_arms, freeze_when, kill, load_trials, make_kit, thaw
+from _studykit import (
+    finished_arms,
+    kill_one_of_three,
+    load_trials,
+    make_kit,
+)
 from optuna.trial import TrialState
 
 from ablate.check import check_study
@@ -63,14 +68,7 @@ def test_workers_share_a_postgres_study_and_survive_a_kill(postgres_url, kit, tm
     study_dir = tmp_path / "runs" / name
     args = ["--config", str(config), "--storage", postgres_url, "--out", "runs", "--trials", "6", "--quiet"]
     try:
-        workers = [kit.start(args, tmp_path) for _ in range(3)]
-        watcher = Watcher(study_dir, postgres_url)
-        victim = freeze_when(workers, watcher.running)
-        killed = next(w for w in workers if w.pid == victim.system_attrs[WORKER_ATTR]["pid"])
-        kill(killed)
-        thaw(workers)
-        survivors = [finish(w) for w in workers if w is not killed]
-        assert [s.returncode for s in survivors] == [0, 0], [s.stderr for s in survivors]
+        victim, survivors = kill_one_of_three(kit, args, tmp_path, study_dir, postgres_url)
         assert any(f"trial {victim.number} was left running" in s.stdout for s in survivors)
 
         assert check_study(study_dir, storage=postgres_url) == []

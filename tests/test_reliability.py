@@ -19,7 +19,14 @@ import signal
 import optuna
 import pandas as pd
 import pytest
-from _studykit import Watcher, finish, finished_arms, freeze_when, kill, load_trials, make_kit, running_partial, thaw
+from _studykit import (
+    finished_arms,
+    freeze_when,
+    kill,
+    kill_one_of_three,
+    load_trials,
+    running_partial,
+)
 from optuna.trial import TrialState
 
 from ablate.check import check_study, validate_study
@@ -31,24 +38,6 @@ from ablate.storage import WORKER_ATTR, Worker, default_storage_url, open_storag
 from ablate.study import run_study
 
 ARM_KEYS = ("base", "method", "m", "repeat")
-
-
-@pytest.fixture(scope="session")
-def kit(tmp_path_factory):
-    return make_kit(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture
-def home(kit, monkeypatch):
-    """The kit for in-process runs: its data cache, and one torch thread (tiny matrices gain nothing
-    from two, and lose much when other processes share the cores)."""
-    import torch
-
-    monkeypatch.setenv("ABLATE_HOME", str(kit.home))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield kit
-    torch.set_num_threads(threads)
 
 
 def arm_of(trial) -> tuple:
@@ -114,14 +103,7 @@ def test_journal_workers_share_a_study_and_survive_a_kill(home, tmp_path):
     config = home.write(tmp_path, repeats=2)  # 8 configurations
     args = ["--config", str(config), "--storage", url, "--out", "runs", "--trials", "6", "--quiet"]
     study_dir = tmp_path / "runs" / "tiny-study"
-    workers = [home.start(args, tmp_path) for _ in range(3)]
-    watcher = Watcher(study_dir, url)
-    victim = freeze_when(workers, watcher.running)
-    killed = next(w for w in workers if w.pid == victim.system_attrs[WORKER_ATTR]["pid"])
-    kill(killed)
-    thaw(workers)
-    survivors = [finish(w) for w in workers if w is not killed]
-    assert [s.returncode for s in survivors] == [0, 0], [s.stderr for s in survivors]
+    victim, survivors = kill_one_of_three(home, args, tmp_path, study_dir, url)
     # noticed at once by a survivor (the victim's liveness lock is free), with no heartbeat
     assert any(f"trial {victim.number} was left running" in s.stdout for s in survivors)
     assert check_study(study_dir) == []

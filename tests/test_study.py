@@ -5,7 +5,7 @@ and storage in agreement), continuing a finished study, and resuming after ``SIG
 import json
 
 import pytest
-from _studykit import finished_arms, freeze_when, kill, load_trials, make_kit, running_partial
+from _studykit import finished_arms, freeze_when, kill, load_trials, running_partial
 from optuna.trial import FixedTrial
 
 from ablate.check import check_study
@@ -16,24 +16,6 @@ from ablate.study import run_study
 from ablate.trial import Workspace
 
 CONTROLS = [("tiny", "dus", 2, 0), ("tiny", "moe", None, 0), ("tiny", "dus", 1, 0)]  # m=n/2, MoE, m=n/4
-
-
-@pytest.fixture(scope="session")
-def kit(tmp_path_factory):
-    return make_kit(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture
-def home(kit, monkeypatch):
-    """The kit for in-process runs: its data cache, and one torch thread (tiny matrices gain nothing
-    from two, and lose much when other processes share the cores)."""
-    import torch
-
-    monkeypatch.setenv("ABLATE_HOME", str(kit.home))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield kit
-    torch.set_num_threads(threads)
 
 
 def test_objective_with_a_fixed_trial(home, tmp_path):

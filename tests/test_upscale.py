@@ -69,7 +69,7 @@ def test_kv_cache_generation_matches_full_forward(family, m):
         fresh = variant.generate(prompt, use_cache=False, **kwargs)
         full = variant(cached.sequences).logits
     assert torch.equal(cached.sequences, fresh.sequences)
-    for step, (a, b) in enumerate(zip(cached.logits, fresh.logits)):
+    for step, (a, b) in enumerate(zip(cached.logits, fresh.logits, strict=True)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(a, full[:, prompt.shape[1] - 1 + step], atol=1e-5, rtol=1e-5)
 
