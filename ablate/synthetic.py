@@ -311,7 +311,8 @@ def accuracy(model, tokenizer, items: Sequence[dict], *, batch_size: int = 256) 
             ids = tokenizer(f"{item['context']} {choice}")["input_ids"]
             rows.append(ids)
             spans.append((n_ctx, len(ids)))
-    scores = []
+    scores: list[float] = []
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
@@ -319,12 +320,14 @@ def accuracy(model, tokenizer, items: Sequence[dict], *, batch_size: int = 256) 
             for start in range(0, len(rows), batch_size):
                 chunk = rows[start:start + batch_size]
                 width = max(map(len, chunk))
-                ids = torch.tensor([r + [0] * (width - len(r)) for r in chunk])  # right padding
+                ids = torch.tensor([r + [0] * (width - len(r)) for r in chunk], device=device)  # right padding
                 logp = model(input_ids=ids).logits.float().log_softmax(-1)
-                for j in range(len(chunk)):
-                    lo, hi = spans[start + j]
-                    pos = torch.arange(lo, hi)
-                    scores.append(logp[j, pos - 1, ids[j, pos]].sum().item())
+                # log p(token t | tokens < t) for t = 1..width-1, summed over each choice's tokens
+                token_logp = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+                t = torch.arange(1, width, device=device)
+                bounds = torch.tensor(spans[start:start + len(chunk)], device=device)
+                lo, hi = bounds[:, :1], bounds[:, 1:]
+                scores += (token_logp * ((t >= lo) & (t < hi))).sum(-1).tolist()
     finally:
         model.train(was_training)
     correct, at = 0, 0

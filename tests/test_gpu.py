@@ -93,3 +93,25 @@ def test_perplexity_on_the_gpu_equals_cpu_and_auto_is_bf16_close():
     assert on_gpu["val_loss"] == pytest.approx(on_cpu["val_loss"], rel=1e-5)
     auto = perplexity(model, rows, batch_size=5)  # bf16 autocast on a bf16 GPU
     assert auto["val_loss"] == pytest.approx(on_cpu["val_loss"], rel=2e-2)
+
+
+def test_zoo_build_on_the_gpu_probes_on_the_gpu(tmp_path, monkeypatch):
+    """A zoo build trains where CUDA is and scores its calibration probe there (the first GPU run
+    of the study failed here: the probe's token ids stayed on the CPU)."""
+    import json
+
+    from ablate import zoo
+
+    monkeypatch.setenv("ABLATE_HOME", str(tmp_path))
+    folder = zoo.build(zoo.micro_spec(), progress=False)
+    info = json.loads((folder / "zoo.json").read_text())
+    assert info["precision"] == "bf16" and set(info["synth_acc"]) == {"synth_k1", "synth_k2", "synth_k3", "synth_k4"}
+
+
+def test_synthetic_accuracy_on_the_gpu_equals_cpu(tiny_tokenizer):
+    from ablate.synthetic import accuracy, eval_items
+
+    model = tiny_model("llama", 2, vocab_size=len(tiny_tokenizer))
+    items = eval_items(1, 40)
+    on_cpu = accuracy(model, tiny_tokenizer, items, batch_size=16)
+    assert accuracy(model.to(CUDA), tiny_tokenizer, items, batch_size=16) == on_cpu
