@@ -207,6 +207,8 @@ def _run(config, trials, depths, study_dir, url, shown_url, direction, device, p
     total = len(space.arms())
     with worker.sampling():
         enqueue_controls(study, space)
+    if min(trials, total) > _counts(study)[0]:  # trials to run: their zoo bases first, in parallel
+        workspace.build_zoo()
     try:
         while True:
             with worker.sampling():  # released by the objective once the trial's configuration is stored

@@ -18,7 +18,7 @@ from pathlib import Path
 from ablate.config import StudyConfig
 from ablate.errors import UserError
 
-__all__ = ["TrialFailed", "Workspace", "run_trial", "base_depth", "load_base", "environment"]
+__all__ = ["TrialFailed", "Workspace", "run_trial", "repeat_train_config", "base_depth", "load_base", "environment"]
 
 
 class TrialFailed(Exception):
@@ -71,6 +71,17 @@ class Workspace:
         self._bases: dict[str, tuple] = {}
         self._data: dict[str, object] = {}
 
+    def build_zoo(self) -> None:
+        """Build the study's missing zoo bases now, side by side (one process each on a CPU),
+        rather than one after another as their first trials need them."""
+        from ablate import zoo
+        from ablate.checkpoint import is_local_checkpoint
+        from ablate.zoobuild import build_many
+
+        names = [b.model for b in self.config.bases if b.model in zoo.ZOO and not is_local_checkpoint(b.model)]
+        if names:
+            build_many(names, progress=self.progress)
+
     def base(self, label: str):
         """``(model, tokenizer)`` of a base, on the study's device, in eval mode."""
         if label not in self._bases:
@@ -112,6 +123,20 @@ def build_variant(ws: Workspace, arm, base):
                    seed=ws.config.train.seed + arm.repeat)
 
 
+def repeat_train_config(train, repeat: int):
+    """The CPT settings of repeat ``repeat`` of a configuration: another seed and another data order.
+
+    Repeat 0 is the study's settings unchanged. Repeat r > 0 adds r to the seed (the MoE router
+    initialisation and any dropout) and to the data order seed (None counts as 0), so it trains on
+    the same CPT rows in another order; the held-out rows are the same for every repeat. Without
+    the new order a DUS repeat would be the same computation again: DUS has no random init.
+    """
+    if repeat == 0:
+        return train
+    order = (train.data_order_seed or 0) + repeat
+    return train.model_copy(update={"seed": train.seed + repeat, "data_order_seed": order})
+
+
 def run_trial(ws: Workspace, arm, out_dir: Path, on_eval: Callable[[int, int, float], bool] | None = None) -> dict:
     """Build, train and evaluate ``arm``; return its record (see :mod:`ablate.results` for the fields).
 
@@ -131,12 +156,13 @@ def run_trial(ws: Workspace, arm, out_dir: Path, on_eval: Callable[[int, int, fl
     variant = build_variant(ws, arm, base)
     params = count_params(variant)
     s = variant.config.num_hidden_layers
-    train_cfg = ws.config.train.model_copy(update={"seed": ws.config.train.seed + arm.repeat})
+    train_cfg = repeat_train_config(ws.config.train, arm.repeat)
     t1 = time.perf_counter()
     result = continue_pretraining(variant, data, train_cfg, on_eval=on_eval, out_dir=out_dir, progress=ws.progress)
     t2 = time.perf_counter()
     record = {
-        **arm.to_dict(), "n": n, "s": s, "seed": train_cfg.seed, "params_total": params["total"],
+        **arm.to_dict(), "n": n, "s": s, "seed": train_cfg.seed, "data_order_seed": train_cfg.data_order_seed,
+        "params_total": params["total"],
         "params_active": params["active"], "tokens": result.tokens,
         # 6ND: forward + backward matmul FLOPs per token per active parameter (attention excluded).
         "flops": 6 * params["active"] * result.tokens, "device": str(ws.device), "status": result.status,
@@ -155,7 +181,8 @@ def run_trial(ws: Workspace, arm, out_dir: Path, on_eval: Callable[[int, int, fl
     metrics.pop("tokens", None)
     for shots, tasks in ws.task_groups().items():
         metrics.update(evaluate(variant, tokenizer, tasks, include_path=ws.tasks_dir, subset=ev.subset,
-                                subset_seed=ev.subset_seed, num_fewshot=shots, batch_size=ev.batch_size))
+                                subset_seed=ev.subset_seed, num_fewshot=shots, batch_size=ev.batch_size,
+                                progress=ws.progress))
     t3 = time.perf_counter()
     record.update(metrics=metrics, objective=objective_value(metrics, ev.objective), eval_s=round(t3 - t2, 3),
                   wall_s=round(t3 - t0, 3))

@@ -1,15 +1,25 @@
 """The zoo: the tokenizer (deterministic, one token per reasoning symbol), the registry, a micro
 build (an ordinary HF checkpoint plus zoo.json, reused without retraining), an interrupted build
 that leaves nothing looking built, spec resolution (zoo name, local folder, hub id, unknown name)
-and the CLI. Every test builds under a temporary ABLATE_HOME; none builds the real zoo."""
+and the CLI. Parallel builds (ablate.zoobuild.build_many): worker processes build bit-identical models to
+in-process builds, a failing worker raises its UserError in the parent (one line from the CLI)
+and leaves no folder, Ctrl-C stops every worker and leaves nothing behind, and a build another
+process finished first is used, not an error. Every test builds
+under a temporary ABLATE_HOME; none builds the real zoo."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from ablate import zoo
+from ablate import zoo, zoobuild
 from ablate.errors import UserError
 
 
@@ -113,3 +123,107 @@ def test_cli(capsys):
         zoo.main(["build", "no-such-model"])
     assert exit_.value.code == 2
     assert "unknown zoo model 'no-such-model'" in capsys.readouterr().err
+
+
+def test_build_finished_meanwhile_by_another_process_is_used(home, monkeypatch, tmp_path):
+    import shutil
+
+    import ablate.train
+
+    spec = zoo.micro_spec()
+    theirs = tmp_path / "theirs"
+    shutil.move(zoo.build(spec, threads=1, progress=False), theirs)
+    real = ablate.train.continue_pretraining
+
+    def racing(*args, **kwargs):  # the other process renames its complete build into place first
+        result = real(*args, **kwargs)
+        shutil.copytree(theirs, home / "zoo" / "micro")
+        return result
+
+    monkeypatch.setattr(ablate.train, "continue_pretraining", racing)
+    assert zoo.build(spec, threads=1, progress=False) == home / "zoo" / "micro"  # no FileExistsError
+    assert zoo.is_built(spec) and [p.name for p in (home / "zoo").iterdir()] == ["micro"]
+
+def _tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _same_build(a: Path, b: Path) -> None:
+    """Bit-identical weights and the same calibration numbers (wall time aside)."""
+    import torch
+
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    ma, mb = (json.loads((f / "zoo.json").read_text()) for f in (a, b))
+    for key in ("final_val_loss", "synth_acc", "spec", "tokens", "torch_threads"):
+        assert ma[key] == mb[key], key
+
+
+def test_parallel_builds_match_in_process_builds(home, monkeypatch, tmp_path):
+    specs = [zoo.micro_spec("micro-a"), zoo.micro_spec("micro-b", lr=1e-3, num_layers=3)]
+    folders = zoobuild.build_many(specs, jobs=2, threads=1, progress=False)  # two worker processes
+    assert folders == {s.name: home / "zoo" / s.name for s in specs} and all(map(zoo.is_built, specs))
+    assert sorted(p.name for p in (home / "zoo").iterdir()) == ["micro-a", "micro-b"]  # no temporaries
+    assert zoobuild.build_many(specs, jobs=2, progress=False) == folders  # built: nothing to do
+    monkeypatch.setenv("ABLATE_HOME", str(tmp_path / "sequential"))
+    for spec in specs:
+        _same_build(folders[spec.name], zoo.build(spec, threads=1, progress=False))
+
+
+def test_failing_worker_raises_and_leaves_nothing(home, monkeypatch, capsys):
+    good, bad = zoo.micro_spec("good"), zoo.micro_spec("bad", tokens_per_step=500)  # not a multiple of 8 x 64
+    monkeypatch.setitem(zoo.ZOO, "good", good)  # the parent sends specs, so workers need no registry
+    monkeypatch.setitem(zoo.ZOO, "bad", bad)
+    with pytest.raises(SystemExit) as exit_:
+        zoo.main(["build", "good", "bad", "--jobs", "2", "--threads", "1"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("error: tokens_per_step=500 is not a multiple")  # the UserError, one line
+    assert any(line.startswith("bad failed: tokens_per_step=500") for line in err)
+    assert zoo.is_built(good) and not zoo.is_built(bad)  # the build still running finished
+    assert [p.name for p in (home / "zoo").iterdir()] == ["good"]
+    with pytest.raises(UserError, match="jobs=0"):
+        zoobuild.build_many(["llama-4l"], jobs=0)
+
+
+def _alive(group: int) -> list[str]:
+    """Command lines of the live (not zombie) processes of a process group."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            alive.append(stat.with_name("cmdline").read_bytes().replace(b"\0", b" ").decode())
+    return alive
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_ctrl_c_stops_every_worker(home):
+    code = ("from ablate import zoo, zoobuild\n"  # two builds of ~10 s each
+            "zoobuild.build_many([zoo.micro_spec('a', train_tokens=1 << 18), "
+            "zoo.micro_spec('b', train_tokens=(1 << 18) + 512)], jobs=2, threads=1)")
+    root = str(Path(zoo.__file__).parents[1])
+    env = dict(os.environ, ABLATE_HOME=str(home), PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    # a session of its own: the signal goes to its whole process group, as Ctrl-C in a terminal does
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list((home / "zoo").glob(".*/pretraining/metrics.jsonl"))) < 2:  # both workers training
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) != 0
+        deadline = time.monotonic() + 10
+        while _alive(proc.pid) and time.monotonic() < deadline:  # a straggler gets a moment to exit
+            time.sleep(0.1)
+        assert _alive(proc.pid) == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "KeyboardInterrupt" in proc.stderr.read()
+    assert list((home / "zoo").iterdir()) == []  # neither a model nor a temporary folder
