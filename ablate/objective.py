@@ -30,8 +30,8 @@ from ablate.trial import TrialFailed, Workspace, environment, run_trial
 __all__ = ["Objective", "RECORDED"]
 
 # Record fields stored as Optuna user attributes (the rest stays in result.json).
-RECORDED = ("n", "s", "seed", "params_total", "params_active", "tokens", "flops", "device", "metrics",
-            "build_s", "train_s", "eval_s", "wall_s")
+RECORDED = ("n", "s", "seed", "data_order_seed", "params_total", "params_active", "tokens", "flops", "device",
+            "metrics", "build_s", "train_s", "eval_s", "wall_s")
 
 
 def _one_line(exc: BaseException) -> str:

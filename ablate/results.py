@@ -16,8 +16,8 @@ from ablate.fsutil import atomic_write_text
 __all__ = ["COLUMNS", "trial_rows", "load", "write_csv", "study_dir_info", "storage_url"]
 
 # Fixed leading columns; task metrics ("synth_k1/acc", ...) follow in sorted order.
-COLUMNS = ["study", "trial", "state", "base", "method", "n", "m", "s", "repeat", "seed", "params_total",
-           "params_active", "tokens", "flops", "val_loss", "val_ppl", "objective", "wall_s", "train_s",
+COLUMNS = ["study", "trial", "state", "base", "method", "n", "m", "s", "repeat", "seed", "data_order_seed",
+           "params_total", "params_active", "tokens", "flops", "val_loss", "val_ppl", "objective", "wall_s", "train_s",
            "eval_s", "device", "fail_reason"]
 
 
@@ -31,6 +31,7 @@ def trial_rows(study) -> list[dict]:
             "study": study.study_name, "trial": t.number, "state": t.state.name.lower(),
             "base": a.get("base"), "method": a.get("method"), "n": a.get("n"), "m": a.get("m"),
             "s": a.get("s"), "repeat": a.get("repeat"), "seed": a.get("seed"),
+            "data_order_seed": a.get("data_order_seed"),
             "params_total": a.get("params_total"), "params_active": a.get("params_active"),
             "tokens": a.get("tokens"), "flops": a.get("flops"),
             "val_loss": metrics.get("val_loss"), "val_ppl": metrics.get("val_ppl"),
@@ -48,7 +49,7 @@ def _frame(rows: list[dict]):
 
     extra = sorted({k for r in rows for k in r} - set(COLUMNS))
     frame = pd.DataFrame(rows, columns=COLUMNS + extra)
-    for col in ("trial", "n", "m", "s", "repeat", "seed", "params_total", "params_active", "tokens"):
+    for col in ("trial", "n", "m", "s", "repeat", "seed", "data_order_seed", "params_total", "params_active", "tokens"):
         frame[col] = frame[col].astype("Int64")  # integers with gaps (m of an MoE arm), not floats
     return frame
 

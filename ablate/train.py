@@ -38,6 +38,7 @@ __all__ = [
     "lr_at",
     "plan_budget",
     "resolve_precision",
+    "row_order",
 ]
 
 Finite = dict(allow_inf_nan=False)  # NaN / inf are rejected with the field's name in the message
@@ -71,6 +72,11 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
                            "data.val, the same fixed rows for every trial.")
     seed: int = Field(0, ge=0, description="Seeds torch, numpy and random; a CPU run repeats bit "
                       "for bit.")
+    data_order_seed: int | None = Field(None, ge=0, description="None: training rows in their stored "
+                                        "order. An int: the budget's rows in a fixed permutation drawn "
+                                        "from it, so runs see the same tokens in another order and the "
+                                        "held-out rows stay untouched (a study's repeats use this: DUS has "
+                                        "no random initialisation, so a new seed alone changes nothing).")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="Compute precision: "
                                                        "'bf16' autocast, 'fp32', or 'auto' = bf16 "
                                                        "where the device runs it natively, else fp32.")
@@ -188,8 +194,21 @@ def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=True)
 
 
-def _rows(array: np.ndarray, start: int, count: int, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(array[start:start + count], dtype=np.int64)).to(device)
+def _rows(array: np.ndarray, start: int, count: int, device: torch.device,
+          order: np.ndarray | None = None) -> torch.Tensor:
+    """Rows ``start .. start + count`` of ``array``, or of its permutation ``order`` when given."""
+    # sorted within the micro-batch: sequential reads of a memory-mapped cache, and a micro-batch's
+    # gradient is a mean over its rows, so their order inside it does not matter
+    rows = array[start:start + count] if order is None else array[np.sort(order[start:start + count])]
+    return torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(device)
+
+
+def row_order(seed: int | None, num_rows: int) -> np.ndarray | None:
+    """The permutation of the first ``num_rows`` training rows for ``data_order_seed``, or None."""
+    if seed is None:
+        return None
+    # a stream of its own (not seed's torch/numpy state), so the order is the same on every rank
+    return np.random.default_rng([seed, 0x0DA7A]).permutation(num_rows)
 
 
 @torch.no_grad()
@@ -257,6 +276,7 @@ def continue_pretraining(model: torch.nn.Module, data: PackedData, config: Train
     forward = torch.compile(ddp_model) if config.compile else ddp_model
     aux_coef = getattr(model.config, "router_aux_loss_coef", 0.0)
     warmup_steps = int(config.warmup * budget.steps)
+    order = row_order(config.data_order_seed, budget.steps * budget.rows_per_step)
     rows_per_rank = budget.rows_per_step // world
     main = accelerator.is_main_process
     out = Path(out_dir) if out_dir is not None and main else None
@@ -287,7 +307,7 @@ def continue_pretraining(model: torch.nn.Module, data: PackedData, config: Train
             first_row = (step - 1) * budget.rows_per_step + rank * rows_per_rank
             for k in range(budget.accum_steps):
                 ids = _rows(data.train, first_row + k * config.micro_batch_size,
-                            config.micro_batch_size, device)
+                            config.micro_batch_size, device, order)
                 last = k == budget.accum_steps - 1
                 sync = contextlib.nullcontext() if last else accelerator.no_sync(ddp_model)
                 with sync:

@@ -109,6 +109,33 @@ def test_lr_schedule_warmup_midpoint_and_end():
     assert lr_at(0, 1, lr=1.0, warmup_steps=0, min_lr_ratio=0.1) == 1.0  # one step: the peak
 
 
+def seen_training_rows(model) -> list[tuple]:
+    """Record every row the model is trained on (forward passes with gradients)."""
+    seen: list[tuple] = []
+
+    def hook(module, args, kwargs):
+        if torch.is_grad_enabled():
+            seen.extend(tuple(row) for row in kwargs["input_ids"].tolist())
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
+
+
+def test_data_order_seed_reorders_the_budget_rows_and_nothing_else():
+    data, config = random_data(train_rows=96), small_config()  # the budget is 64 of the 96 rows
+    budget_rows = [tuple(r) for r in data.train[:64].tolist()]
+    runs = {}
+    for seed in (None, 1, 2):
+        model = tiny_model(num_layers=2)
+        runs[seed] = seen_training_rows(model)
+        continue_pretraining(model, data, small_config(data_order_seed=seed), progress=False)
+    assert runs[None] == budget_rows  # default: the stored order
+    for seed in (1, 2):  # the same rows, each once, in another order
+        assert sorted(runs[seed]) == sorted(budget_rows) and runs[seed] != budget_rows
+    assert runs[1] != runs[2]
+    assert config.data_order_seed is None
+
+
 def test_two_cpu_runs_give_bit_identical_weights():
     weights = []
     for _ in range(2):
