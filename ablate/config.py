@@ -141,10 +141,15 @@ class SamplerConfig(Strict):
 class PrunerConfig(Strict):
     """Early stopping of hopeless trials from their held-out loss during CPT."""
 
-    kind: Literal["none", "median"] = Field("median", description="median: Optuna's MedianPruner.")
+    kind: Literal["none", "median"] = Field("none", description="none (the default): every trial runs its "
+                                            "whole budget. median: Optuna's MedianPruner. Off by default "
+                                            "because a fresh DUS variant's held-out loss first jumps, then "
+                                            "recovers: a median rule on early evaluations prunes exactly the "
+                                            "arms under study (the first default study lost 10 of 20 trials, "
+                                            "mostly DUS variants still recovering).")
     startup_trials: int = Field(5, ge=0, description="Trials that always run to the end before pruning starts.")
-    warmup_evals: int = Field(2, ge=0, description="Evaluations of a trial before it may be pruned (the "
-                              "loss of a fresh variant first jumps, then recovers).")
+    warmup_evals: int = Field(2, ge=0, description="Evaluations of a trial before it may be pruned; with "
+                              "median, set it past the recovery of a fresh variant (e.g. all but the last).")
 
 
 class StudyConfig(Strict):
