@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import logging
 import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
@@ -226,21 +227,57 @@ def _preserve_global_rng() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _without_env_report() -> Iterator[None]:
-    """Skip simple_evaluate's environment report (torch's collect_env runs `pip list` and other
-    subprocesses: ~2 s per call, about as long as the whole 3 x 100-item evaluation of a tiny
-    model). It only adds fields to the result's metadata; metrics are untouched."""
-    import lm_eval.evaluator as evaluator
+def _lean_simple_evaluate(progress: bool) -> Iterator[None]:
+    """Skip simple_evaluate's environment report and git lookup, and its bars unless ``progress``.
 
-    if not hasattr(evaluator, "add_env_info"):
+    The report (torch's collect_env runs `pip list` and other subprocesses) took ~2 s per call,
+    about as long as the whole 3 x 100-item evaluation of a tiny model, and `git describe` prints
+    "fatal: not a git repository" outside a checkout; both only add metadata to the result (a
+    trial's env.json records the versions and commit). Metrics are untouched.
+    """
+    import lm_eval.api.model as model_module
+    import lm_eval.api.task as task_module
+    import lm_eval.evaluator as evaluator
+    import lm_eval.models.huggingface as hf_module
+
+    patches = {(evaluator, "add_env_info"): lambda results: None,
+               (evaluator, "get_git_commit_hash"): lambda: None}
+    if not progress:  # their bars pass disable= themselves, so force it rather than default it
+        for module in (model_module, task_module, hf_module):
+            bar = getattr(module, "tqdm", None)
+            if bar is not None:
+                patches[(module, "tqdm")] = functools.partial(_silent_bar, bar)
+    saved = {key: getattr(*key) for key in patches if hasattr(*key)}
+    from datasets.utils import logging as datasets_logging  # lm-eval reads task files with datasets
+
+    datasets_bars = datasets_logging.is_progress_bar_enabled()
+    if not progress:
+        datasets_logging.disable_progress_bar()
+    try:
+        for (module, name), value in patches.items():
+            if (module, name) in saved:
+                setattr(module, name, value)
         yield
-        return
-    original = evaluator.add_env_info
-    evaluator.add_env_info = lambda results: None
+    finally:
+        for (module, name), value in saved.items():
+            setattr(module, name, value)
+        if datasets_bars:
+            datasets_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _logger_level(name: str, level: int) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
     try:
         yield
     finally:
-        evaluator.add_env_info = original
+        logger.setLevel(before)
+
+
+def _silent_bar(bar, *args, **kwargs):
+    return bar(*args, **{**kwargs, "disable": True})
 
 
 def flatten_results(results: Mapping) -> dict[str, float]:
@@ -277,6 +314,7 @@ def evaluate(
     precision: Precision = "auto",
     seed: int = DEFAULT_SEED,
     bootstrap_iters: int = 1000,
+    progress: bool = True,
 ) -> dict[str, float]:
     """Score an in-memory causal LM on lm-eval ``tasks``; returns ``{"task/metric": value}``.
 
@@ -291,8 +329,8 @@ def evaluate(
     ``batch_size`` 32 keeps the per-forward overhead of small models low; "auto" lets lm-eval
     search on GPU. ``bootstrap_iters``: stderrs of mean metrics (acc, acc_norm, mc2, exact_match)
     are closed-form; 1000 draws are used only for metrics like f1/bleu, where lm-eval's default
-    100000 takes minutes. The caller's global RNG states and the model's train/eval mode are
-    restored afterwards.
+    100000 takes minutes. ``progress=False`` hides lm-eval's progress bars. The caller's global RNG
+    states and the model's train/eval mode are restored afterwards.
     """
     names = [tasks] if isinstance(tasks, str) else list(tasks)
     if not names:
@@ -321,14 +359,17 @@ def evaluate(
         amp = _autocast_dtype(model, precision)
         was_training = model.training
         try:
-            lm = HFLM(
-                pretrained=model,
-                tokenizer=tokenizer,
-                batch_size=batch_size,
-                mixed_precision_dtype=amp,
-                softmax_dtype=torch.float32 if amp is not None else None,
-            )
-            with _without_env_report():
+            # HFLM warns that an in-memory model ignores its loading options and must not run
+            # under `accelerate launch`: true of every call here, so not news to print each trial
+            with _logger_level("lm_eval.models.huggingface", logging.ERROR):
+                lm = HFLM(
+                    pretrained=model,
+                    tokenizer=tokenizer,
+                    batch_size=batch_size,
+                    mixed_precision_dtype=amp,
+                    softmax_dtype=torch.float32 if amp is not None else None,
+                )
+            with _lean_simple_evaluate(progress):
                 out = simple_evaluate(
                     model=lm,
                     tasks=top,

@@ -147,6 +147,21 @@ def test_evaluate_equals_direct_simple_evaluate(task_dir, model_and_tokenizer):
     assert ours["toy_group/acc"] == pytest.approx((ours["toy_sum/acc"] + ours["toy_word/acc"]) / 2)
 
 
+def test_quiet_evaluate_prints_nothing_and_scores_the_same(task_dir, model_and_tokenizer, capfd, tmp_path,
+                                                           monkeypatch):
+    """progress=False: no lm-eval bars, and no "fatal: not a git repository" from its git lookup."""
+    model, tok = model_and_tokenizer
+    monkeypatch.chdir(tmp_path)  # outside any git checkout
+    capfd.readouterr()
+    quiet = evaluate(model, tok, "toy_sum", include_path=task_dir, subset=10, progress=False)
+    out, err = capfd.readouterr()
+    assert "fatal" not in err, err
+    assert "%|" not in err + out, err + out
+    loud = evaluate(model, tok, "toy_sum", include_path=task_dir, subset=10)
+    assert "%|" in capfd.readouterr().err  # the bars this test hides do exist
+    assert quiet == loud
+
+
 def test_evaluate_is_reproducible(task_dir, model_and_tokenizer):
     """The same subset seed scores the same items (the cached TaskManager serves the second call)."""
     model, tok = model_and_tokenizer
