@@ -56,6 +56,9 @@ def print_summary(study, space, study_dir: Path) -> dict:
 
     direction = study.direction.name.lower()
     summary = summarize(trial_rows(study), direction)
+    for base, s in summary.items():  # n is recorded by a trial that got as far as loading its base
+        if s["n"] is None:
+            s["n"] = space.depths.get(base)
     console = Console()
     objective = space.config.eval.objective
     console.print(f"\n[bold]Study {study.study_name}[/bold]: objective {objective.describe()} "

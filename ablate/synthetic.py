@@ -349,7 +349,7 @@ def _task_yaml(name: str, data_file: Path, chance: float) -> str:
         f"  data_files: {{test: {json.dumps(str(data_file))}}}",
         "test_split: test",
         "output_type: multiple_choice",
-        'doc_to_text: "{{context}}"',
+        "doc_to_text: context",  # a field name: lm-eval reads it as is, no Jinja template per item
         "doc_to_choice: choices",
         "doc_to_target: gold",
         'target_delimiter: " "',

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Every check this project runs on a GPU machine, in one command (about 10 minutes on one H100):
-#   1. bench/gpu_check.py: a ~1B DUS variant, 50 bf16 CPT steps, MFU vs a measured bf16 ceiling
+#   1. bench/gpu_check.py: a ~1B DUS variant, 50 compiled bf16 CPT steps, MFU vs a measured bf16 ceiling
 #   2. the CUDA tests (tests/test_gpu.py: surgery, generation, MoE, CPT and perplexity on the GPU)
-#   3. bench/gpu_check.py again with torch.compile
+#   3. bench/gpu_check.py again without torch.compile (eager)
 #   4. the smoke study, then the default study, on the GPU (python -m ablate.study --device cuda)
-# Logs and the studies' results.csv go to $OUT (default gpu_logs/), the study folders to $RUNS. Each step has its own time
-# limit (cut to what is left of BUDGET_S, default 540 s) and a failing step does not stop the
-# later ones; the exit code is the number of steps that failed or had no time left.
+# Logs and the studies' results.csv go to $OUT (default gpu_logs/), the study folders to $RUNS.
+# Each step has its own time limit (cut to what is left of BUDGET_S, default 540 s) and a failing
+# step does not stop the later ones; the exit code is the number of steps that failed or had no
+# time left. STEPS picks some of them by name (default all).
 #
 #   bash bench/gpu_all.sh
+#   STEPS="gpu_tests smoke_study" bash bench/gpu_all.sh
 set -u
 OUT=${OUT:-gpu_logs}
 mkdir -p "$OUT"
@@ -24,6 +26,7 @@ deadline=$((SECONDS + ${BUDGET_S:-540}))  # the whole script ends by then (defau
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log, report the time
     local name=$1 limit=$2
     shift 2
+    case " ${STEPS:-all} " in *" all "* | *" $name "*) ;; *) return ;; esac
     local left=$((deadline - SECONDS - 5))
     [ "$left" -lt "$limit" ] && limit=$left
     if [ "$limit" -le 0 ]; then echo "=== $name: skipped, no time left"; failed=$((failed + 1)); return; fi
@@ -40,7 +43,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 step gpu_check 240 "$PY" bench/gpu_check.py
 step gpu_tests 180 "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
-step gpu_check_compile 240 "$PY" bench/gpu_check.py --compile
+step gpu_check_eager 240 "$PY" bench/gpu_check.py --no-compile
 step smoke_study 180 "$PY" -m ablate.study --config studies/smoke.yaml --trials 3 --device cuda \
     --out "$RUNS" --quiet
 step default_study 600 "$PY" -m ablate.study --trials 20 --device cuda \
