@@ -133,8 +133,11 @@ class EvalConfig(Strict):
 class SamplerConfig(Strict):
     """How trials pick (base, method, m, repeat)."""
 
-    kind: Literal["tpe", "random", "grid"] = Field(
-        "tpe", description="tpe: Optuna's TPE; random: uniform; grid: every configuration, in random order.")
+    kind: Literal["sweep", "tpe", "random", "grid"] = Field(
+        "sweep", description="sweep (the default): every configuration in a fixed order, all of repeat 0 "
+        "before any repeat 1, so each base's whole m range is covered first; tpe: Optuna's TPE (for "
+        "spaces too large to sweep; it favours the base with the better objective); random: uniform; "
+        "grid: every configuration, in random order.")
     seed: int = Field(0, ge=0, description="Sampler seed.")
 
 

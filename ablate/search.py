@@ -5,7 +5,8 @@ A configuration (an :class:`Arm`) is (base, method, m, repeat). Trials draw it w
 finite, so samplers like TPE happily propose a configuration that already ran;
 :class:`NoRepeatSampler` wraps any Optuna sampler and moves such a proposal to the
 nearest value that still leads to an unrun configuration, so a study of N trials runs N
-distinct configurations (repeats add seeds, not duplicates). The controls are queued first
+distinct configurations (repeats add seeds, not duplicates). :class:`SweepSampler` (the
+default) proposes the configurations in a fixed order instead. The controls are queued first
 (:func:`enqueue_controls`), and a configuration whose trial died (a killed worker, Ctrl-C) is
 queued again (:func:`requeue_lost`).
 """
@@ -21,8 +22,8 @@ from optuna.trial import TrialState
 
 from ablate.config import StudyConfig
 
-__all__ = ["Arm", "SearchSpace", "NoRepeatSampler", "make_sampler", "make_pruner", "enqueue_controls", "requeue_lost",
-           "MAX_KILLS"]
+__all__ = ["Arm", "SearchSpace", "NoRepeatSampler", "SweepSampler", "make_sampler", "make_pruner", "enqueue_controls",
+           "requeue_lost", "MAX_KILLS"]
 
 MAX_KILLS = 3  # a configuration whose worker died this many times is not run again (out of memory?)
 
@@ -154,6 +155,11 @@ class SearchSpace:
         """Configurations that ran, are running or are queued (see :meth:`holders`)."""
         return set(self.holders(study, exclude))
 
+    def sweep_order(self) -> list[Arm]:
+        """Every configuration, repeat 0 of each (base, method, m) before repeat 1 of any: a study
+        of any length covers each base's whole m range before it adds seeds."""
+        return sorted(self.arms(), key=lambda a: a.repeat)  # stable: bases, methods and m as listed
+
     def open_values(self, partial: dict, name: str, taken: set[Arm]) -> list:
         """Values of parameter ``name`` that, given ``partial``, still reach an untaken configuration."""
         values = []
@@ -204,9 +210,44 @@ class NoRepeatSampler(BaseSampler):
         self.base.reseed_rng()
 
 
+class SweepSampler(BaseSampler):
+    """Proposes the first configuration of :meth:`SearchSpace.sweep_order` that has not run.
+
+    For a study whose question is "how does the score change with m", not "which m is best": the
+    model-based samplers go where the objective is good, and across bases that means the base
+    with the lower loss, not the one whose m range is still open (the first default study ran
+    TPE: 15 of 20 trials on one base, and the other base's deepest variant never ran).
+    """
+
+    def __init__(self, space: SearchSpace, seed: int = 0):
+        self.space = space
+        self.fallback = optuna.samplers.RandomSampler(seed=seed)
+
+    def infer_relative_search_space(self, study, trial):
+        return {}
+
+    def sample_relative(self, study, trial, search_space):
+        return {}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        partial, taken = dict(trial.params), self.space.taken(study, exclude=trial.number)
+        for arm in self.space.sweep_order():
+            params = self.space.params(arm)
+            if arm not in taken and param_name in params and \
+                    all(k in params and params[k] == v for k, v in partial.items()):
+                return params[param_name]
+        # every configuration ran (the study loop stops before this): any value
+        return self.fallback.sample_independent(study, trial, param_name, param_distribution)
+
+
 def make_sampler(config: StudyConfig, space: SearchSpace) -> BaseSampler:
     kind, seed = config.sampler.kind, config.sampler.seed
-    base = optuna.samplers.TPESampler(seed=seed) if kind == "tpe" else optuna.samplers.RandomSampler(seed=seed)
+    if kind == "sweep":
+        base = SweepSampler(space, seed)
+    elif kind == "tpe":
+        base = optuna.samplers.TPESampler(seed=seed)
+    else:  # random, and grid: every configuration in random order (NoRepeatSampler moves repeats)
+        base = optuna.samplers.RandomSampler(seed=seed)
     return NoRepeatSampler(base, space)
 
 

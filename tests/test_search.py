@@ -1,5 +1,6 @@
-"""The study's search space: FixedTrial round trips, no configuration ever repeats (TPE and
-random), the controls run first, and a killed trial's configuration becomes free again."""
+"""The study's search space: FixedTrial round trips, no configuration ever repeats (sweep, TPE,
+random, grid), the sweep covers every configuration before a second seed, the controls run
+first, and a killed trial's configuration becomes free again."""
 
 import optuna
 import pytest
@@ -39,7 +40,7 @@ def test_default_m_range_is_zero_to_half_depth():
     assert space.m_values == {"a": [0, 1, 2, 3, 4], "b": [0, 2, 4, 5]}
 
 
-@pytest.mark.parametrize("sampler", ["tpe", "random"])
+@pytest.mark.parametrize("sampler", ["sweep", "tpe", "random", "grid"])
 def test_sampler_never_repeats_a_configuration(sampler):
     config, space = make_space(repeats=2, sampler=sampler)
     study = optuna.create_study(sampler=make_sampler(config, space))
@@ -52,6 +53,27 @@ def test_sampler_never_repeats_a_configuration(sampler):
 
     study.optimize(objective, n_trials=len(space.arms()))
     assert len(seen) == len(set(seen)) == len(space.arms())
+
+
+def test_sweep_covers_every_configuration_before_any_second_seed():
+    """After the controls, every (base, method, m) once, in the listed order, then the second seeds,
+    whichever base scores better."""
+    config, space = make_space(repeats=2, sampler="sweep")
+    study = optuna.create_study(sampler=make_sampler(config, space))
+    queued = enqueue_controls(study, space)
+    seen = []
+
+    def objective(trial):
+        arm = space.suggest(trial)
+        seen.append(arm)
+        return 0.0 if arm.base == "b" else 1.0  # base b "scores better"
+
+    study.optimize(objective, n_trials=len(space.arms()))
+    first = [a for a in space.sweep_order() if a.repeat == 0]
+    assert seen[: len(queued)] == queued
+    assert set(seen[: len(first)]) == set(first)  # all of repeat 0 before any repeat 1
+    assert seen[len(queued):len(first)] == [a for a in first if a not in queued]  # in sweep order
+    assert sorted(seen[len(first):], key=str) == sorted([a for a in space.arms() if a.repeat == 1], key=str)
 
 
 def test_controls_are_enqueued_first_and_only_once():
