@@ -250,8 +250,8 @@ def _lean_simple_evaluate(progress: bool) -> Iterator[None]:
     saved = {key: getattr(*key) for key in patches if hasattr(*key)}
     from datasets.utils import logging as datasets_logging  # lm-eval reads task files with datasets
 
-    datasets_bars = datasets_logging.is_progress_bar_enabled()
-    if not progress:
+    hide_datasets_bars = not progress and datasets_logging.is_progress_bar_enabled()
+    if hide_datasets_bars:
         datasets_logging.disable_progress_bar()
     try:
         for (module, name), value in patches.items():
@@ -261,7 +261,7 @@ def _lean_simple_evaluate(progress: bool) -> Iterator[None]:
     finally:
         for (module, name), value in saved.items():
             setattr(module, name, value)
-        if datasets_bars:
+        if hide_datasets_bars:
             datasets_logging.enable_progress_bar()
 
 
