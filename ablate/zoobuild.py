@@ -14,6 +14,7 @@ Python 3.14) and no cleanup of their unfinished folders; those are the parts bel
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -42,9 +43,41 @@ def build_many(names: Iterable[str | ZooSpec], *, jobs: int | None = None, progr
     running can deadlock). A worker builds exactly what :func:`build` builds in-process with the
     same thread count. A failed build lets the builds already running finish, cancels the rest and
     raises its error (a :class:`UserError` stays one); Ctrl-C stops every worker, and each removes
-    its unfinished folder, so nothing half-built is left.
+    its unfinished folder, so nothing half-built is left. One process per ``ABLATE_HOME`` builds at
+    a time; another calling meanwhile waits and then builds only what is still missing.
     """
     specs = _resolve(names)
+    if not force and all(map(is_built, specs)):
+        return {s.name: zoo_dir(s.name) for s in specs}
+    with _zoo_lock(progress):  # one builder per ABLATE_HOME: other processes wait, then reuse
+        _build_missing(specs, jobs, threads, force, progress)
+    return {s.name: zoo_dir(s.name) for s in specs}
+
+
+@contextlib.contextmanager
+def _zoo_lock(progress: bool):
+    """Hold ``ablate_home()/.zoo-build.lock``. Several study workers started at once on one machine
+    would otherwise each build the whole zoo, side by side on the same cores (the same bits, at a
+    multiple of the time); the ones that wait find the models built when they get the lock."""
+    from filelock import FileLock, Timeout
+
+    home = ablate_home()
+    home.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(home / ".zoo-build.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if progress:
+            print(f"another process is building the zoo in {home / 'zoo'}; waiting for it")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _build_missing(specs: list[ZooSpec], jobs: int | None, threads: int | None, force: bool,
+                   progress: bool) -> None:
     todo = [s for s in specs if force or not is_built(s)]
     jobs, threads = _plan(len(todo), jobs, threads)
     start = time.perf_counter()
@@ -63,7 +96,6 @@ def build_many(names: Iterable[str | ZooSpec], *, jobs: int | None = None, progr
             print(f"{spec.name:<12} built in {info['wall_s']:5.0f} s, val loss {info['final_val_loss']:.3f}  "
                   f"{zoo_dir(spec.name)}")
         print(f"{len(todo)} zoo model{'s' * (len(todo) > 1)} built in {time.perf_counter() - start:.0f} s")
-    return {s.name: zoo_dir(s.name) for s in specs}
 
 
 def _resolve(names: Iterable[str | ZooSpec]) -> list[ZooSpec]:

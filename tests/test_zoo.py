@@ -227,3 +227,26 @@ def test_ctrl_c_stops_every_worker(home):
             os.killpg(proc.pid, signal.SIGKILL)
     assert "KeyboardInterrupt" in proc.stderr.read()
     assert list((home / "zoo").iterdir()) == []  # neither a model nor a temporary folder
+
+
+def test_a_second_process_waits_for_the_first_builder_and_builds_nothing(home, monkeypatch, capsys):
+    """Two study workers started together on one machine share one zoo build."""
+    spec = zoo.micro_spec("shared", train_tokens=1 << 17)  # a few seconds
+    code = ("from ablate import zoo, zoobuild\n"
+            "zoobuild.build_many([zoo.micro_spec('shared', train_tokens=1 << 17)], jobs=1, threads=1, progress=False)")
+    root = str(Path(zoo.__file__).parents[1])
+    env = dict(os.environ, ABLATE_HOME=str(home), PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    first = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list((home / "zoo").glob(".*/pretraining/metrics.jsonl")):  # the first one is training
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+            time.sleep(0.05)
+        monkeypatch.setattr(zoobuild, "build", lambda *a, **k: pytest.fail("the second process built too"))
+        assert zoobuild.build_many([spec], jobs=1) == {"shared": home / "zoo" / "shared"}
+        assert "another process is building the zoo" in capsys.readouterr().out
+        assert first.wait(timeout=60) == 0, first.stderr.read()
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert zoo.is_built(spec)
