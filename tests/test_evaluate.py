@@ -162,6 +162,23 @@ def test_quiet_evaluate_prints_nothing_and_scores_the_same(task_dir, model_and_t
     assert quiet == loud
 
 
+def test_tokenizations_are_reused_across_calls(task_dir, tiny_tokenizer, monkeypatch):
+    """A study scores the same items every trial: the second call encodes nothing (the scores
+    stay equal to simple_evaluate's on a plain HFLM, checked above)."""
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)  # a tokenizer no other test has warmed the cache with
+    model = tiny_model("llama", 2, vocab_size=len(tok))
+    calls = []
+    encode = tok.encode
+    monkeypatch.setattr(tok, "encode", lambda *a, **k: calls.append(a) or encode(*a, **k))
+    first = evaluate(model, tok, "toy_sum", include_path=task_dir, subset=10, progress=False)
+    encoded = len(calls)
+    assert encoded >= 20  # context and context + choice of 10 items
+    assert evaluate(model, tok, "toy_sum", include_path=task_dir, subset=10, progress=False) == first
+    assert len(calls) == encoded
+
+
 def test_evaluate_is_reproducible(task_dir, model_and_tokenizer):
     """The same subset seed scores the same items (the cached TaskManager serves the second call)."""
     model, tok = model_and_tokenizer
