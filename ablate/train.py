@@ -235,8 +235,12 @@ def _val_loss(model, data: PackedData, config: TrainConfig, accelerator, autocas
 
 def continue_pretraining(model: torch.nn.Module, data: PackedData, config: TrainConfig, *,
                          on_eval: Callable[[int, int, float], bool | None] | None = None,
-                         out_dir: str | Path | None = None, progress: bool = True) -> TrainResult:
+                         out_dir: str | Path | None = None, progress: bool = True,
+                         cpu: bool = False) -> TrainResult:
     """Train ``model`` in place on ``data.train`` rows in order for the token budget of ``config``.
+
+    It trains on CUDA when present (the device accelerate picks for this process), else on the
+    CPU; ``cpu=True`` keeps it on the CPU on a CUDA machine too (a study's ``--device cpu``).
 
     ``on_eval(step, tokens_seen, val_loss)`` runs on the main process after every evaluation;
     returning True (or raising :class:`StopTraining`) ends the run with status "stopped".
@@ -252,7 +256,7 @@ def continue_pretraining(model: torch.nn.Module, data: PackedData, config: Train
     # Accelerator picks the device and the process group; precision stays ours (torch.autocast)
     # because accelerate's mixed_precision is process-global and cannot change between trials.
     # cpu=True without CUDA: else a multi-process launch on CPUs silently runs unsynchronised.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=cpu or not torch.cuda.is_available())
     if data.val.shape[0] < config.eval_rows:
         raise UserError(f"eval_rows={config.eval_rows} but data.val has {data.val.shape[0]} rows; "
                         "lower eval_rows or build more validation data")

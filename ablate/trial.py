@@ -158,7 +158,8 @@ def run_trial(ws: Workspace, arm, out_dir: Path, on_eval: Callable[[int, int, fl
     s = variant.config.num_hidden_layers
     train_cfg = repeat_train_config(ws.config.train, arm.repeat)
     t1 = time.perf_counter()
-    result = continue_pretraining(variant, data, train_cfg, on_eval=on_eval, out_dir=out_dir, progress=ws.progress)
+    result = continue_pretraining(variant, data, train_cfg, on_eval=on_eval, out_dir=out_dir, progress=ws.progress,
+                                  cpu=str(ws.device) == "cpu")
     t2 = time.perf_counter()
     record = {
         **arm.to_dict(), "n": n, "s": s, "seed": train_cfg.seed, "data_order_seed": train_cfg.data_order_seed,

@@ -115,3 +115,10 @@ def test_synthetic_accuracy_on_the_gpu_equals_cpu(tiny_tokenizer):
     items = eval_items(1, 40)
     on_cpu = accuracy(model, tiny_tokenizer, items, batch_size=16)
     assert accuracy(model.to(CUDA), tiny_tokenizer, items, batch_size=16) == on_cpu
+
+
+def test_cpt_stays_on_the_cpu_when_asked(tmp_path):
+    """A study's --device cpu on a CUDA machine: CPT must not move the variant to the GPU."""
+    model = tiny_model(num_layers=2)
+    result = continue_pretraining(model, random_data(), small_config(), progress=False, cpu=True)
+    assert result.device == "cpu" and next(model.parameters()).device.type == "cpu"
