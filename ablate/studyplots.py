@@ -160,7 +160,7 @@ def timeline(study):
                 patch.set_facecolor(colour)
                 seen[name] = colour
     with style():
-        locator = AutoDateLocator(maxticks=5)
+        locator = AutoDateLocator(minticks=2, maxticks=6)  # maxticks=5 warned "unable to pick an interval"
         ax.xaxis.set_major_locator(locator)
         ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))
         for text in ax.get_xticklabels():
