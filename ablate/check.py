@@ -16,29 +16,14 @@ import argparse
 import json
 import math
 import re
-import tempfile
 from pathlib import Path
 
 from ablate.errors import UserError, cli
 
-__all__ = ["validate_study", "check_writable", "check_study", "main"]
+__all__ = ["validate_study", "check_study", "main"]
 
 STARTED = ("COMPLETE", "PRUNED", "RUNNING")
 CSV_STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "fail", "RUNNING": "running", "WAITING": "waiting"}
-
-
-def check_writable(path: Path) -> None:
-    """Raise a :class:`UserError` unless ``path`` is, or can be created as, a writable folder."""
-    path = Path(path).expanduser()
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UserError(f"cannot create {path}: {probe} is a file, not a folder; choose another --out")
-    try:  # os.access says yes to root even where writing fails (/proc, read-only mounts): really try
-        tempfile.TemporaryDirectory(dir=probe, prefix=".ablate-probe-").cleanup()
-    except OSError as exc:
-        raise UserError(f"cannot write to {probe} ({exc.strerror or exc}); choose another --out") from None
 
 
 def _model_config(spec: str, trust_remote_code: bool):

@@ -13,13 +13,35 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-__all__ = ["UserError", "cli"]
+__all__ = ["UserError", "cli", "first_line", "one_line"]
 
 F = TypeVar("F", bound=Callable[..., int | None])
 
 
 class UserError(Exception):
     """A mistake in the user's input; the message names the problem and, where there is one, the fix."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type name when it has none), at most ``limit`` characters.
+
+    For wrapping a library's error into a :class:`UserError`: a library message may run over many
+    lines (a traceback-like report, a list of every missing key), and a user error is one line.
+    """
+    lines = str(exc).strip().splitlines()
+    return lines[0][:limit] if lines else type(exc).__name__
+
+
+def one_line(exc: BaseException, limit: int = 500, *, with_type: bool = False) -> str:
+    """The whole message of an exception on one line (whitespace runs become one space).
+
+    ``with_type`` puts the exception's type first (``ValueError: ...``): the form a trial's
+    recorded failure reason takes, where the type tells a bug from a bad value.
+    """
+    text = " ".join(str(exc).split())
+    if with_type:
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return (text or type(exc).__name__)[:limit]
 
 
 def cli(main: F) -> F:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ablate.checkpoint import read_config_dict
 from ablate.errors import UserError
-from ablate.fsutil import atomic_dir, atomic_write_json
+from ablate.fsutil import atomic_dir, atomic_write_json, check_writable
 
 __all__ = [
     "Source", "TensorRef", "TensorBytes", "resolve_source", "load_config", "renamed_tensors",
@@ -225,7 +225,7 @@ def write_checkpoint(source: Source, out: str | os.PathLike, config, tensors: di
     """
     from tqdm.auto import tqdm
 
-    from ablate.check import check_writable
+
 
     out = Path(out).expanduser()
     max_bytes = parse_size(max_shard_size)

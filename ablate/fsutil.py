@@ -17,7 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ablate_home", "atomic_dir", "atomic_write_text", "atomic_write_json"]
+from ablate.errors import UserError
+
+__all__ = ["ablate_home", "atomic_dir", "atomic_write_text", "atomic_write_json", "check_writable"]
 
 
 def ablate_home() -> Path:
@@ -82,3 +84,17 @@ def _umask() -> int:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def check_writable(path: Path) -> None:
+    """Raise a :class:`UserError` unless ``path`` is, or can be created as, a writable folder."""
+    path = Path(path).expanduser()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"cannot create {path}: {probe} is a file, not a folder; choose another --out")
+    try:  # os.access says yes to root even where writing fails (/proc, read-only mounts): really try
+        tempfile.TemporaryDirectory(dir=probe, prefix=".ablate-probe-").cleanup()
+    except OSError as exc:
+        raise UserError(f"cannot write to {probe} ({exc.strerror or exc}); choose another --out") from None

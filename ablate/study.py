@@ -73,7 +73,8 @@ def _storage_for(study_dir: Path, storage: str | None, recorded: str | None) -> 
 
 def _prepare(config, out: Path, storage: str | None, device: str, trust_remote_code: bool, progress: bool):
     """Validate everything a study needs before anything is written; return what it needs."""
-    from ablate.check import check_writable, validate_study
+    from ablate.check import validate_study
+    from ablate.fsutil import check_writable
     from ablate.evaluate import direction
     from ablate.storage import check_storage_url, default_storage_url, open_storage, redact, storage_kind
 
