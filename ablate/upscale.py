@@ -16,11 +16,11 @@ The layer plan itself is :func:`ablate.plan.layer_plan` (pure Python).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import re
 
 from ablate.errors import UserError, cli
+from ablate.exportcli import export_parser, run_export
 from ablate.plan import layer_plan
 
 __all__ = ["layer_plan", "depth_upscale", "upscaled_config", "export_upscaled", "main"]
@@ -161,21 +161,19 @@ def export_upscaled(src: str, m: int, out: str, *, force: bool = False, max_shar
 
 
 @cli
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m ablate.upscale",
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
+    parser = export_parser(
+        prog or "python -m ablate.upscale",
         description="Write a depth up-scaled copy of a checkpoint (SOLAR's DUS), streaming its tensors.",
-        epilog="example: python -m ablate.upscale ./mistral-7b --m 8 --out ./solar-like",
+        example="./mistral-7b --m 8 --out ./solar-like",
+        options=lambda p: p.add_argument("--m", type=int, required=True,
+                                         help="layers removed from each copy (0 <= m < n)"),
     )
-    parser.add_argument("src", help="a local Hugging Face checkpoint folder, or a hub id when online")
-    parser.add_argument("--m", type=int, required=True, help="layers removed from each copy (0 <= m < n)")
-    parser.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
-    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
-    parser.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
-    args = parser.parse_args(argv)
-    record = export_upscaled(args.src, args.m, args.out, force=args.force, max_shard_size=args.max_shard_size)
-    print(f"wrote {args.out}: {record['n']} -> {record['s']} layers (m={args.m})")
-    return 0
+    return run_export(
+        parser, argv,
+        export=lambda a: export_upscaled(a.src, a.m, a.out, force=a.force, max_shard_size=a.max_shard_size),
+        report=lambda a, record: f"{record['n']} -> {record['s']} layers (m={a.m})",
+    )
 
 
 if __name__ == "__main__":
