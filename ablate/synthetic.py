@@ -302,7 +302,9 @@ def accuracy(model, tokenizer, items: Sequence[dict], *, batch_size: int = 256) 
     log-probability of its tokens wins. A quick probe for calibration, without lm-eval's import
     and setup cost; ``tests/test_synthetic.py`` checks it against ``lm_eval.simple_evaluate``.
     """
-    import torch
+    import torch  # torch only here: the corpus itself needs no torch
+
+    from ablate.torchutil import evaluating  # imports torch
 
     rows, spans = [], []
     for item in items:
@@ -313,23 +315,18 @@ def accuracy(model, tokenizer, items: Sequence[dict], *, batch_size: int = 256) 
             spans.append((n_ctx, len(ids)))
     scores: list[float] = []
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start:start + batch_size]
-                width = max(map(len, chunk))
-                ids = torch.tensor([r + [0] * (width - len(r)) for r in chunk], device=device)  # right padding
-                logp = model(input_ids=ids).logits.float().log_softmax(-1)
-                # log p(token t | tokens < t) for t = 1..width-1, summed over each choice's tokens
-                token_logp = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
-                t = torch.arange(1, width, device=device)
-                bounds = torch.tensor(spans[start:start + len(chunk)], device=device)
-                lo, hi = bounds[:, :1], bounds[:, 1:]
-                scores += (token_logp * ((t >= lo) & (t < hi))).sum(-1).tolist()
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            width = max(map(len, chunk))
+            ids = torch.tensor([r + [0] * (width - len(r)) for r in chunk], device=device)  # right padding
+            logp = model(input_ids=ids).logits.float().log_softmax(-1)
+            # log p(token t | tokens < t) for t = 1..width-1, summed over each choice's tokens
+            token_logp = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+            t = torch.arange(1, width, device=device)
+            bounds = torch.tensor(spans[start:start + len(chunk)], device=device)
+            lo, hi = bounds[:, :1], bounds[:, 1:]
+            scores += (token_logp * ((t >= lo) & (t < hi))).sum(-1).tolist()
     correct, at = 0, 0
     for item in items:
         best = max(range(len(item["choices"])), key=lambda c: scores[at + c])

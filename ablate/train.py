@@ -28,6 +28,7 @@ from pydantic import Field
 
 from ablate.data import PackedData
 from ablate.errors import UserError
+from ablate.torchutil import evaluating
 
 __all__ = [
     "Budget",
@@ -211,25 +212,22 @@ def row_order(seed: int | None, num_rows: int) -> np.ndarray | None:
     return np.random.default_rng([seed, 0x0DA7A]).permutation(num_rows)
 
 
-@torch.no_grad()
 def _val_loss(model, data: PackedData, config: TrainConfig, accelerator, autocast) -> float:
     """Mean next-token loss over the first ``eval_rows`` rows of data.val (LM loss only)."""
-    was_training = model.training
-    model.eval()
     rank, world = accelerator.process_index, accelerator.num_processes
-    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    mine = list(range(rank, config.eval_rows, world))  # rows of this process, strided
-    for i in range(0, len(mine), config.micro_batch_size):
-        idx = mine[i:i + config.micro_batch_size]
-        ids = torch.from_numpy(np.asarray(data.val[idx], dtype=np.int64)).to(accelerator.device)
-        with autocast():
-            logits = model(input_ids=ids).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-            reduction="sum")
-        total += torch.stack([loss.double(), torch.tensor(ids[:, 1:].numel(), device=ids.device)])
-    total = accelerator.reduce(total, reduction="sum")
-    model.train(was_training)
+    with evaluating(model):
+        total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+        mine = list(range(rank, config.eval_rows, world))  # rows of this process, strided
+        for i in range(0, len(mine), config.micro_batch_size):
+            idx = mine[i:i + config.micro_batch_size]
+            ids = torch.from_numpy(np.asarray(data.val[idx], dtype=np.int64)).to(accelerator.device)
+            with autocast():
+                logits = model(input_ids=ids).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                reduction="sum")
+            total += torch.stack([loss.double(), torch.tensor(ids[:, 1:].numel(), device=ids.device)])
+        total = accelerator.reduce(total, reduction="sum")
     return float(total[0] / total[1])
 
 
