@@ -19,6 +19,7 @@ import numpy as np
 __all__ = ["arm_stats", "best_m", "human_count", "task_metrics", "score_vs_m", "score_vs_params", "loss_curves",
            "tasks_vs_m", "redundancy", "message_figure",
            "save", "style"]
+# palette, finish and wrap are public too: the figure helpers that ablate.studyplots shares
 
 COLUMN_IN = 3.4  # one column of a two-column paper (ICML, NeurIPS, ACL: 3.25-3.5 in)
 PANEL_IN = 2.3  # height of one panel: room for two x axes (m below, s above)
@@ -27,14 +28,15 @@ CONFIDENCE = 0.95
 PNG_DPI = 200  # PNGs are for screens and notes (680 px at column width); print uses the vector PDF
 
 
-def _palette() -> list:
+def palette() -> list:
+    """Seaborn's colour-blind-safe palette as hex colours, the colours of every figure here."""
     import seaborn as sns
 
     return sns.color_palette("colorblind").as_hex()
 
 
 def _arm_style() -> dict:
-    p = _palette()
+    p = palette()
     return {"dus": dict(color=p[0], marker="o", ls="-"), "control": dict(color=p[7], marker="s", ls="--"),
             "moe": dict(color=p[1], marker="^", ls=":")}
 
@@ -65,7 +67,7 @@ def _figure(rows: int, height: float = PANEL_IN, width: float = COLUMN_IN):
     return fig, list(axes)
 
 
-def _finish(fig) -> None:
+def finish(fig) -> None:
     """Fix the tick style of every axes now: ticks are made lazily at draw time, maybe outside :func:`style`."""
     import matplotlib as mpl
 
@@ -93,7 +95,7 @@ def message_figure(title: str, text: str):
         fig, (ax,) = _figure(1, height=1.6)
         ax.set_title(title)
         _message(ax, text)
-        _finish(fig)
+        finish(fig)
     return fig
 
 
@@ -165,7 +167,8 @@ def best_m(df, direction: str, column: str = "objective") -> dict[str, int | Non
     return out
 
 
-def _wrap(label: str, width: int = 38) -> str:
+def wrap(label: str, width: int = 38) -> str:
+    """``label`` broken into lines of at most ``width`` characters, for an axis label."""
     return "\n".join(textwrap.wrap(label, width))
 
 
@@ -234,9 +237,9 @@ def score_vs_m(df, *, column: str = "objective", label: str = "objective", direc
             ax.plot([best["m"]], [best["mean"]], marker="*", ms=9, color=arms["dus"]["color"], mec="black",
                     mew=0.5, ls="none", zorder=4, label="best m")
             _m_ticks(ax, n, dus["m"].tolist() + ([n / 2] if len(control) else []))
-            ax.set_ylabel(_wrap(label))
+            ax.set_ylabel(wrap(label))
         _legend(fig)
-        _finish(fig)
+        finish(fig)
     return fig
 
 
@@ -270,7 +273,7 @@ def score_vs_params(df, *, column: str = "objective", label: str = "objective", 
     if stats.empty:
         return message_figure(label, "not enough trials: no complete trial yet")
     bases = _bases(df, bases)
-    colours = {b: _palette()[i % 10] for i, b in enumerate(bases)}
+    colours = {b: palette()[i % 10] for i, b in enumerate(bases)}
     with style():
         fig, axes = _figure(2)
         for ax, size in zip(axes, ("params_total", "params_active"), strict=True):
@@ -299,10 +302,10 @@ def score_vs_params(df, *, column: str = "objective", label: str = "objective", 
             ax.xaxis.set_major_formatter(FuncFormatter(human_count))
             ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, p: ""))
             ax.set_xlabel(f"{'total' if size == 'params_total' else 'active'} parameters (log scale)")
-            ax.set_ylabel(_wrap(label))
+            ax.set_ylabel(wrap(label))
         axes[0].set_title("numbers: m of each DUS variant", fontsize=FONT_PT - 1, color="0.3")
         _legend(fig)
-        _finish(fig)
+        finish(fig)
     return fig
 
 
@@ -360,7 +363,7 @@ def loss_curves(df, curves: dict[int, object], *, bases: list[str] | None = None
             ax.set_xlabel("CPT tokens")
             ax.set_ylabel("held-out loss (nats/token, log)")
         _legend(fig)
-        _finish(fig)
+        finish(fig)
     return fig
 
 
@@ -388,7 +391,7 @@ def tasks_vs_m(df, *, bases: list[str] | None = None):
     bases = _bases(done, bases)
     if not metrics or not bases:
         return message_figure("task metrics by m", "not enough trials: no complete trial has task metrics yet")
-    colours = _palette()
+    colours = palette()
     markers = "osD^v<>pPX"
     with style():
         fig, axes = _figure(len(bases))
@@ -410,7 +413,7 @@ def tasks_vs_m(df, *, bases: list[str] | None = None):
             all_acc = all(m.split("/", 1)[1] in ("acc", "acc_norm") for m in metrics)
             ax.set_ylabel("accuracy (fraction correct)" if all_acc else "task metric")
         _legend(fig)
-        _finish(fig)
+        finish(fig)
     return fig
 
 
@@ -422,7 +425,7 @@ def redundancy(distances: dict[str, list[float]], best: dict[str, int | None] | 
 
     if not distances:
         return message_figure("layer redundancy", "no base model measured")
-    colours = _palette()
+    colours = palette()
     best = best or {}
     with style():
         fig, (ax,) = _figure(1, height=2.4)
@@ -441,12 +444,12 @@ def redundancy(distances: dict[str, list[float]], best: dict[str, int | None] | 
                     note += f": layers {drop[0]}–{drop[-1]} dropped"
             ax.plot(x, d, color=c, marker="o", ms=4, mfc="white", lw=1, zorder=3, label=f"{base}{note}")
         ax.set_xlabel("decoder layer of the base model")
-        ax.set_ylabel(_wrap("angular distance, input to output (arccos(cos)/π)", 30))
+        ax.set_ylabel(wrap("angular distance, input to output (arccos(cos)/π)", 30))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(bottom=0)
         ax.set_title("filled: used twice by DUS at the best m; x: dropped", fontsize=FONT_PT - 1, color="0.3")
         _legend(fig)
-        _finish(fig)
+        finish(fig)
     return fig
 
 

@@ -10,7 +10,7 @@ import warnings
 
 import numpy as np
 
-from ablate.plots import COLUMN_IN, FONT_PT, PANEL_IN, _finish, _palette, _wrap, message_figure, style
+from ablate.plots import COLUMN_IN, FONT_PT, PANEL_IN, finish, message_figure, palette, style, wrap
 
 __all__ = ["optimization_history", "param_importances", "timeline"]
 
@@ -55,7 +55,7 @@ def _optuna_plot(draw, title: str):
                 a.get_legend().remove()
         ax.set_title(title, fontsize=FONT_PT)
         fig.set_layout_engine("constrained")
-        _finish(fig)
+        finish(fig)
     return fig
 
 
@@ -70,10 +70,10 @@ def optimization_history(study, *, label: str = "objective"):
 
     fig = _optuna_plot(lambda: plot_optimization_history(copy, target_name="trial"), "optimisation history")
     ax = fig.axes[0]
-    p = _palette()
+    p = palette()
     with style():
         ax.set_xlabel("trial number")
-        ax.set_ylabel(_wrap(label, 30))
+        ax.set_ylabel(wrap(label, 30))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlim(-0.5, max(t.number for t in done) + 0.5)  # integer ticks even for a single trial
         handles, labels = ax.get_legend_handles_labels()
@@ -86,7 +86,7 @@ def optimization_history(study, *, label: str = "objective"):
                                    transform=ax.get_xaxis_transform(), clip_on=False)
                 labels.append(f"{name} (no value)")
         fig.legend(handles, labels, loc="outside lower center", ncols=2, frameon=False, fontsize=FONT_PT - 1)
-        _finish(fig)
+        finish(fig)
     return fig
 
 
@@ -134,7 +134,7 @@ def param_importances(study, *, label: str = "objective"):
     except (ValueError, RuntimeError, ZeroDivisionError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return message_figure(title, f"importances are not available for this study: {first}")
-    fig.axes[0].set_xlabel(_wrap(f"share of the variance of: {label}", 40))
+    fig.axes[0].set_xlabel(wrap(f"share of the variance of: {label}", 40))
     fig.axes[0].set_ylabel("")
     return fig
 
@@ -150,7 +150,7 @@ def timeline(study):
         return message_figure("trial timeline", "not enough trials: no finished trial yet")
     fig = _optuna_plot(lambda: plot_timeline(copy), "trials over time")
     ax = fig.axes[0]
-    p = _palette()
+    p = palette()
     # Optuna's tab: colours put failed (red) next to pruned (orange); ours stay apart for colour-blind readers
     ours = {"tab:blue": ("complete", p[0]), "tab:orange": ("pruned", p[1]), "tab:red": ("failed", "0.15")}
     seen = {}
@@ -171,5 +171,5 @@ def timeline(study):
         ax.set_ylim(-0.5, max(t.number for t in done) + 0.5)  # integer ticks even for a single trial
         handles = [mpl.patches.Patch(color=c, label=n) for n, c in seen.items()]
         fig.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False, fontsize=FONT_PT - 1)
-        _finish(fig)
+        finish(fig)
     return fig
