@@ -19,25 +19,16 @@ group (checked by :func:`world_is_nonsolvable`), whose word problem is NC1-compl
 learn shortcuts to automata"; Merrill & Sabharwal 2023). Evaluation asks queries with k = 1..4:
 k = 1 is one lookup, higher k need more serial computation than a small, short-trained model has.
 
-What we measured (scratch runs on 2 shared CPU cores, fp32, 1k-token steps; a learning curve of
-k = 1 accuracy every 100-250 steps; the zoo's own numbers are in ``ablate.zoo``):
+Why the corpus looks like this (scratch runs; the numbers are in studies/LOG.md, 2026-12-02
+"Measurements formerly in module docstrings", part "Synthetic corpus learnability"):
 
-- Queries alone (k uniform in 1..4 or 1..8; 2-4 layers, hidden 128, 1k steps): every level
-  stayed at chance, k = 1 included; queries with k = 1 only were learned (1.00 at 400 steps).
-  Unlearnable long queries drown the signal of the short ones.
-- Adding traces (half of the reasoning documents) made k = 1 learnable in the mix (2 layers,
-  hidden 128: k1 1.00, k2 0.53, k3 chance after 1k steps). Traces written ``7 A = 5`` learned
-  no faster than ``7 A 5``; a trace share of 0.7 only slightly faster than 0.5.
-- Head width decides how reliably the single step is learned: 2 layers at hidden 64 with 2
-  heads (width 32) crossed k1 >= 0.9 at 300-700 steps or not within 800 (1 of 3 seeds); with 4
-  heads (width 16) at 400-500 steps for all 5 seeds. Training queries up to k = 4 rather than
-  6 made it a little faster still (400 steps, 3 of 3 seeds).
-- Depth delays the transition at a fixed budget: k1 >= 0.9 after ~500 steps with 2 layers,
-  ~1,500 with 4 (lr 3e-3; ~1,000 at lr 6e-3), ~1,750 with 6 (lr 6e-3 or 1e-2). Deeper models
-  need a larger learning rate here (8 layers at lr 1e-3 stayed at chance after 1M tokens,
-  at 3e-3 too, at 6e-3 reached k1 0.83) and more steps.
-- After 2,048 steps a 4-layer model reaches k1 1.00, k2 0.62, k3 and k4 at chance: one level
-  at ceiling, one in between, two with headroom, the profile a depth study needs.
+- Traces are mixed in because queries alone were not learned at all, k = 1 included: the
+  unlearnable long queries drown the signal of the short ones. With traces k = 1 is learned.
+- Narrow heads: 16-wide heads learned the single step reliably, 32-wide ones did not always.
+- Depth delays the transition at a fixed budget, and deeper models need a larger learning rate
+  and more steps: why the zoo trains at lr 6e-3 and gives its 6-layer model more tokens.
+- A 4-layer model trained long enough has one level at ceiling (k = 1), one in between and two
+  with headroom: the profile a depth study needs.
 
 Evaluation items come from a seed stream never used for training and have exactly balanced
 answers (each digit is the answer equally often), so a constant or surface guess scores
