@@ -34,9 +34,10 @@ import socket
 from pathlib import Path
 from urllib.parse import unquote
 
-from ablate.errors import UserError
+from ablate.errors import UserError, first_line
 
-__all__ = ["open_storage", "redact", "default_storage_url", "check_storage_url", "canonical_url", "storage_kind",
+__all__ = ["open_storage", "redact", "default_storage_url", "check_storage_url", "check_storage_files",
+           "canonical_url", "storage_kind",
            "Worker",
            "HEARTBEAT_S", "GRACE_S", "WORKER_ATTR"]
 
@@ -47,22 +48,63 @@ WORKER_ATTR = "ablate:worker"  # trial system attribute: which process runs the 
 RDB = re.compile(r"^(sqlite|postgresql|postgres|mysql)(\+\w+)?://")
 
 
+# A URL's password as SQLAlchemy and the drivers read it runs from the ':' after the user name to an
+# '@'. Redaction is conservative: it hides everything up to the URL's *last* '@', so a password
+# that holds an unescaped '@' (or a space, '/', '#', '?', ...) never shows in part; such an
+# ambiguous URL is then refused by check_storage_url before any driver sees it.
+_CREDENTIALS = re.compile(r"^(?P<head>[A-Za-z][\w+.-]*://[^:/@]*):(?P<secret>.*)@(?P<tail>[^@]*)$", re.S)
+_EMBEDDED = re.compile(r"([A-Za-z][\w+.-]*://[^:/@\s]*):\S*@")  # URLs inside a message: up to whitespace
+_PASSWORD_PARAM = re.compile(r"(?i)(password=)[^&\s'\"]*")
+
+
+def _credentials(url: str) -> tuple[str, str, str] | None:
+    """(``scheme://user``, password as written, the rest after the last '@'), or None without a password."""
+    match = _CREDENTIALS.match(url)
+    return (match["head"], match["secret"], match["tail"]) if match else None
+
+
 def redact(text: str) -> str:
-    """Hide passwords in URLs and DSNs: ``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``."""
-    text = re.sub(r"(://[^:/@\s]*):[^@\s]*@", r"\1:***@", str(text))
-    return re.sub(r"(?i)(password=)[^&\s'\"]*", r"\1***", text)
+    """Hide passwords in URLs and DSNs: ``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``.
+
+    ``text`` is a storage URL (any kind: ``journal:PATH`` has nothing to hide) or a message that
+    may quote one; a whole URL is redacted up to its last '@', whatever its password holds.
+    """
+    text = str(text)
+    if _journal_path(text) is not None:
+        return text
+    parts = _credentials(text)
+    text = f"{parts[0]}:***@{parts[2]}" if parts else _EMBEDDED.sub(r"\1:***@", text)
+    return _PASSWORD_PARAM.sub(r"\1***", text)
 
 
 def _password(url: str) -> str | None:
-    match = re.match(r"^[\w+.-]+://[^:/@\s]*:([^@\s]*)@", url)
-    return unquote(match.group(1)) if match and match.group(1) else None
+    """The URL's password as SQLAlchemy (and so the driver) reads it: percent-escapes decoded."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        password = make_url(url).password
+    except (ArgumentError, ValueError):
+        return None
+    return str(password) if password else None
+
+
+def _secrets(url: str) -> list[str]:
+    """Every spelling of the URL's password a message may quote, longest first."""
+    from urllib.parse import quote
+
+    parts = _credentials(url)
+    found = {parts[1], unquote(parts[1])} if parts else set()
+    if password := _password(url):
+        found |= {password, quote(password, safe="")}
+    return sorted((s for s in found if s), key=len, reverse=True)
 
 
 def _scrub(message: str, url: str) -> str:
     """``message`` with the URL's password replaced wherever it appears (drivers quote DSNs)."""
-    secret = _password(url)
-    message = redact(message)
-    return message.replace(secret, "***") if secret else message
+    for secret in _secrets(url):
+        message = message.replace(secret, "***")
+    return redact(message)
 
 
 def default_storage_url(study_dir: Path) -> str:
@@ -86,7 +128,7 @@ def canonical_url(url: str) -> str:
     """File storages with absolute paths, so a recorded URL works from any folder."""
     journal = _journal_path(url)
     if journal is not None:
-        return f"journal:{journal.resolve()}"
+        return f"journal:{journal.resolve()}" if _journal_named(url) else url  # "journal:" is refused later
     sqlite = _sqlite_path(url)
     if sqlite is not None and str(sqlite) != ":memory:" and not sqlite.is_absolute():
         return url[: url.index(":///") + 4] + str(sqlite.resolve())
@@ -102,22 +144,106 @@ def storage_kind(url: str) -> str:
 
 
 def check_storage_url(url: str) -> None:
-    """Raise a one-line :class:`UserError` for a malformed URL or a missing folder; creates nothing."""
+    """Raise a one-line :class:`UserError` for a malformed URL, a missing folder or a file that is
+    not a storage of its kind; creates nothing."""
     journal = _journal_path(url)
     if journal is not None:
-        if not journal.parent.is_dir():
-            raise UserError(f"journal storage folder {journal.parent} does not exist; create it first")
+        _check_journal(url, journal)
         return
     if not RDB.match(url):
         raise UserError(f"storage {redact(url)!r} is not a supported URL; use sqlite:///path.db, journal:path.log, "
                         "postgresql://user:pass@host/db or mysql://user:pass@host/db")
+    _check_password(url)
     if url.startswith("sqlite"):
         path = _sqlite_path(url)
         if path is None or str(path) == ":memory:":
-            raise UserError(f"storage {url!r}: give an SQLite file as sqlite:///path/to/study.db (a file, "
+            raise UserError(f"storage {redact(url)!r}: give an SQLite file as sqlite:///path/to/study.db (a file, "
                             "so a rerun can continue)")
         if not path.parent.is_dir():
             raise UserError(f"SQLite storage folder {path.parent} does not exist; create it or use another --storage")
+        check_storage_files(url)
+
+
+def _check_password(url: str) -> None:
+    """Refuse a URL whose password SQLAlchemy would read otherwise than it is written (an unescaped '@')."""
+    from urllib.parse import unquote as decoded
+
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(url)
+    except (ArgumentError, ValueError) as exc:
+        raise UserError(f"storage {redact(url)!r} is not a valid URL ({_scrub(first_line(exc), url)}); "
+                        "use sqlite:///path.db or postgresql://user:pass@host:port/db") from None
+    parts = _credentials(url)
+    if parts and decoded(parts[1]) != (_password(url) or ""):
+        raise UserError(f"storage {redact(url)}: the password holds an unescaped '@', which ends it early; "
+                        "percent-encode the password (urllib.parse.quote(password, safe='')) or put it in "
+                        "PGPASSWORD / ~/.pgpass")
+
+
+def _journal_named(url: str) -> bool:
+    """Whether a journal URL names a file at all (``journal:`` alone would be the current folder)."""
+    return bool(str(url).removeprefix("journal:").removeprefix("//").strip())
+
+
+def _check_journal(url: str, journal: Path) -> None:
+    if not _journal_named(url):
+        raise UserError(f"storage {url!r} names no file; write journal:PATH.log (e.g. journal:runs/study.log)")
+    if journal.is_dir():
+        raise UserError(f"journal storage {journal} is a folder; name a file in it, e.g. journal:{journal / 'study.log'}")
+    if not journal.parent.is_dir():
+        raise UserError(f"journal storage folder {journal.parent} does not exist; create it first")
+    check_storage_files(url)
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def check_storage_files(url: str) -> None:
+    """Refuse an existing file storage that is not of its kind (a folder, garbage, another format),
+    reading it only; a file that is not there yet is fine (Optuna creates it)."""
+    journal = _journal_path(url)
+    path = journal if journal is not None else _sqlite_path(url) if url.startswith("sqlite") else None
+    if path is None or not path.exists():
+        return
+    kind = "journal" if journal is not None else "SQLite"
+    fix = "restore it, remove it, or use another --storage"
+    if not path.is_file():
+        raise UserError(f"{kind} storage {path} is not a file; {fix}")
+    try:
+        if journal is not None:
+            problem = _journal_problem(path)
+        else:
+            with open(path, "rb") as f:
+                head = f.read(len(SQLITE_MAGIC))
+            problem = "not an SQLite database" if head and head != SQLITE_MAGIC else None
+    except OSError as exc:
+        raise UserError(f"cannot read {kind} storage {path} ({exc.strerror or first_line(exc)}); fix its "
+                        "permissions or use another --storage") from None
+    if problem:
+        raise UserError(f"{kind} storage {path} is {problem}; {fix}")
+
+
+def _journal_problem(path: Path) -> str | None:
+    """Why ``path`` is not an Optuna journal (one JSON object with an ``op_code`` per line), or None.
+
+    Like Optuna, an unterminated last line after good ones (a writer killed mid-line) is tolerated.
+    """
+    import json
+
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.endswith(b"\n") and number > 1:
+                return None
+            try:
+                record = json.loads(line)
+            except ValueError:  # JSONDecodeError and UnicodeDecodeError
+                record = None
+            if not isinstance(record, dict) or "op_code" not in record:
+                return f"not an Optuna journal (line {number} is not a journal record)"
+    return None
 
 
 def _driver_url(url: str) -> str:
@@ -144,7 +270,14 @@ def open_storage(url: str):
     check_storage_url(url)
     journal = _journal_path(url)
     if journal is not None:
-        return JournalStorage(JournalFileBackend(str(journal)))
+        try:
+            return JournalStorage(JournalFileBackend(str(journal)))
+        except OSError as exc:
+            raise UserError(f"cannot open journal storage {journal} ({exc.strerror or first_line(exc)}); fix its "
+                            "permissions or use another --storage") from None
+        except ValueError as exc:  # a record Optuna cannot decode (JSONDecodeError, UnicodeDecodeError)
+            raise UserError(f"journal storage {journal} is not a valid Optuna journal ({first_line(exc)}); restore "
+                            "it, remove it, or use another --storage") from None
     if optuna.logging.get_verbosity() < optuna.logging.WARNING:  # no INFO line per trial; quieter stays quieter
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -163,9 +296,10 @@ def open_storage(url: str):
         raise UserError(f"storage {redact(url)}: missing database driver ({name}); "
                         "pip install 'ablate[postgres]' for PostgreSQL") from None
     except Exception as exc:  # sqlalchemy raises many kinds; to the user they are one problem
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot open storage {redact(url)}: {_scrub(first, url)[:200]}; check the host, "
-                        "port, user and password (or PGPASSWORD)") from None
+        fix = "restore or remove the file, or use another --storage" if url.startswith("sqlite") else \
+            "check the host, port, user and password (or PGPASSWORD)"
+        raise UserError(f"cannot open storage {redact(url)}: {_scrub(first_line(exc, 10_000), url)[:200]}; "
+                        f"{fix}") from None
 
 
 def _host_id() -> str:
@@ -272,6 +406,7 @@ class Worker:
     """
 
     def __init__(self, url: str, study_name: str, study_dir: Path):
+        check_storage_url(url)  # a storage file that is not one fails before .workers/ or a lock is made
         kind = storage_kind(url)
         self.single = kind == "sqlite"
         self.serialized = kind in ("sqlite", "journal", "postgresql")

@@ -178,6 +178,21 @@ CASES = [
          "is a study folder with a study.json"),
     Case("figures-zero-rows", "figures", lambda i: ["--study", "x", "--out", i.out, "--rows", "0"], "--rows 0"),
     Case("check-not-a-study", "check", lambda i: [str(i.root / "not-a-checkpoint")], "is not a study folder"),
+    # issue 12, items 5 and 13: passwords holding URL characters, storage files that are not storages
+    Case("unreachable-storage-password-with-space", "study",
+         study("--storage", "postgresql://bob:s3cr3t pw@127.0.0.1:1/db"),
+         "cannot open storage postgresql://bob:***@127.0.0.1:1/db"),
+    Case("storage-password-with-unescaped-at", "study", study("--storage", "postgresql://bob:s3cr3t@pw@127.0.0.1:1/db"),
+         "holds an unescaped '@'"),
+    Case("sqlite-url-with-password", "study", study("--storage", "sqlite://bob:s3cr3t@/x.db"), "give an SQLite file"),
+    Case("empty-journal-storage", "study", study("--storage", "journal:"), "names no file"),
+    Case("journal-storage-is-a-folder", "study",
+         lambda i: ["--config", i.config("ok"), "--storage", f"journal:{i.root / 'not-a-checkpoint'}"], "is a folder"),
+    Case("journal-storage-is-garbage", "study",
+         lambda i: ["--config", i.config("ok"), "--storage", f"journal:{i.root / 'a-file'}"], "is not an Optuna journal"),
+    Case("sqlite-storage-is-garbage", "study",
+         lambda i: ["--config", i.config("ok"), "--storage", f"sqlite:///{i.root / 'a-file'}"],
+         "is not an SQLite database"),
 ]
 EXPORT_UNWRITABLE = [  # see the report: ablate/export.py lets the OSError of an unwritable --out through
     Case("upscale-unwritable-out", "upscale", lambda i: [str(i.kit.base), "--m", "1", "--out", "/proc/ablate-x"],

@@ -1,0 +1,150 @@
+"""Hostile input to the storage, config and data layers (issue 12): passwords with every URL
+character, storage files that are not storages, concurrent cache writers, YAML bombs, text that
+is not UTF-8, names and values that only look valid. Each test covers a class of input, not one
+reproduction; all run in seconds without a study.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+from pathlib import Path
+from urllib.parse import quote, unquote
+
+import pytest
+
+from ablate.errors import UserError
+
+# Every character a URL may carry (reserved, unreserved, unsafe, a space, a tab, non-ASCII).
+URL_CHARS = sorted(set(string.punctuation) | {" ", "\t", "é", "€"})
+LEFT, RIGHT = "s3cr3t", "XyZ9q"  # the two halves of each test password: neither may ever show
+
+
+def _urls(password: str) -> list[str]:
+    return [f"postgresql://bob:{password}@127.0.0.1:1/db", f"postgres://bob:{password}@db.example:5432/x",
+            f"postgresql+psycopg2://bob:{password}@h/db?sslmode=require", f"mysql://bob:{password}@h:3306/db",
+            f"mysql+pymysql://bob:{password}@h/db", f"sqlite://bob:{password}@/x.db"]
+
+
+def _leaks(text: str) -> bool:
+    return LEFT in text or RIGHT in text
+
+
+# -- item 5: passwords never leak, whatever they hold -------------------------------------------
+
+
+@pytest.mark.parametrize("char", URL_CHARS, ids=[f"{ord(c):x}" for c in URL_CHARS])
+@pytest.mark.parametrize("encoded", [False, True], ids=["raw", "percent-encoded"])
+def test_redact_hides_passwords_with_any_url_character(char, encoded):
+    from ablate.storage import _scrub, check_storage_url, redact
+
+    secret = f"{LEFT}{char}{RIGHT}"
+    written = quote(secret, safe="") if encoded else secret
+    for url in _urls(written):
+        shown = redact(url)
+        assert not _leaks(shown) and "bob:***@" in shown, (url, shown)
+        # a driver's message quoting the password, raw or decoded, or a DSN with password=
+        message = f'FATAL: password "{secret}" for "bob" ({written}); dsn password={written} host=h'
+        assert not _leaks(_scrub(message, url)), _scrub(message, url)
+        try:
+            check_storage_url(url)
+        except UserError as exc:
+            assert not _leaks(str(exc)), str(exc)
+
+
+@pytest.mark.parametrize("char", [" ", "@", ":", "/", "%", "#", "?", "&", "="])
+def test_an_unreachable_server_never_prints_the_password(char, monkeypatch):
+    pytest.importorskip("psycopg2")
+    from ablate.storage import open_storage
+
+    for secret in (f"{LEFT}{char}{RIGHT}", f"{LEFT}{char}{char}{RIGHT}{char}"):
+        with pytest.raises(UserError) as info:
+            open_storage(f"postgresql://bob:{secret}@127.0.0.1:1/db")
+        assert not _leaks(str(info.value)) and "bob:***@" in str(info.value), str(info.value)
+
+
+def test_an_unescaped_at_in_the_password_is_refused_with_the_fix():
+    from ablate.storage import check_storage_url
+
+    with pytest.raises(UserError, match="unescaped '@'.*percent-encode") as info:
+        check_storage_url(f"postgresql://u:{LEFT}@{RIGHT}@127.0.0.1:1/db")
+    assert not _leaks(str(info.value))
+    check_storage_url(f"postgresql://u:{quote(LEFT + '@' + RIGHT, safe='')}@127.0.0.1:1/db")  # encoded: fine
+
+
+def test_redaction_keeps_urls_without_a_password():
+    from ablate.storage import redact
+
+    for url in ("sqlite:////tmp/a@b/x.db", "sqlite:///rel/x.db", "journal:/tmp/u:p@x.log", "postgresql://bob@h/db",
+                "postgresql://h:5432/db", "mysql://bob@h/db?charset=utf8"):
+        assert redact(url) == url
+    assert redact("postgresql://bob:pw@h/db?sslmode=require") == "postgresql://bob:***@h/db?sslmode=require"
+    assert unquote(redact("postgresql://h/db?password=abc&x=1")) == "postgresql://h/db?password=***&x=1"
+
+
+# -- item 13: storage files that are not storages ------------------------------------------------
+
+
+def _storage_cases(tmp: Path) -> list[tuple[str, str]]:
+    (tmp / "folder").mkdir()
+    (tmp / "garbage.log").write_text("garbage\n")
+    (tmp / "binary.log").write_bytes(bytes(range(256)) * 4)
+    (tmp / "one-line.log").write_text("no newline at all")
+    (tmp / "json-not-journal.log").write_text('{"a": 1}\n[1, 2]\n')
+    good = json.dumps({"op_code": 0, "worker_id": "w", "study_name": "x", "directions": [1]})
+    (tmp / "bad-second-line.log").write_text(good + "\nnot json\n" + good + "\n")
+    (tmp / "garbage.db").write_text("garbage\n" * 100)
+    (tmp / "binary.db").write_bytes(os.urandom(4096))
+    return [
+        ("journal:", "names no file"),
+        ("journal:   ", "names no file"),
+        (f"journal:{tmp / 'folder'}", "is a folder"),
+        (f"journal:{tmp / 'folder'}/", "is a folder"),
+        (f"{tmp / 'missing' / 'x.log'}", "does not exist"),
+        (f"journal:{tmp / 'garbage.log'}", "is not an Optuna journal"),
+        (f"journal:{tmp / 'binary.log'}", "is not an Optuna journal"),
+        (f"journal:{tmp / 'one-line.log'}", "is not an Optuna journal"),
+        (f"journal:{tmp / 'json-not-journal.log'}", "is not an Optuna journal"),
+        (f"journal:{tmp / 'bad-second-line.log'}", "line 2 is not a journal record"),
+        (f"{tmp / 'garbage.log'}", "is not an Optuna journal"),
+        (f"sqlite:///{tmp / 'garbage.db'}", "is not an SQLite database"),
+        (f"sqlite:///{tmp / 'binary.db'}", "is not an SQLite database"),
+        (f"sqlite:///{tmp / 'folder'}", "is not a file"),
+    ]
+
+
+def test_storage_files_that_are_not_storages_give_one_line(tmp_path):
+    from ablate.storage import Worker, open_storage
+
+    for url, expect in _storage_cases(tmp_path):
+        before = sorted(p.name for p in tmp_path.rglob("*"))
+        for call in (lambda: open_storage(url), lambda: Worker(url, "x", tmp_path / "study")):
+            with pytest.raises(UserError) as info:
+                call()
+            message = str(info.value)
+            assert expect in message and "\n" not in message, (url, message)
+            assert "PGPASSWORD" not in message and "host" not in message, (url, message)
+        assert sorted(p.name for p in tmp_path.rglob("*")) == before, url  # no .workers/, no lock, no journal
+
+
+def test_a_journal_cut_mid_line_by_a_kill_still_opens(tmp_path):
+    from ablate.storage import open_storage
+
+    path = tmp_path / "study.log"
+    import optuna
+
+    optuna.create_study(study_name="x", storage=open_storage(f"journal:{path}"))
+    with open(path, "ab") as f:
+        f.write(b'{"op_code": 1, "worker')  # a writer killed mid-line: Optuna ignores the tail
+    open_storage(f"journal:{path}")
+
+
+def test_a_broken_sqlite_file_is_not_blamed_on_the_network(tmp_path):
+    from ablate.storage import open_storage
+
+    path = tmp_path / "study.db"
+    path.write_bytes(b"SQLite format 3\x00" + b"\x00" * 84 + b"garbage" * 200)  # right header, bad pages
+    with pytest.raises(UserError) as info:
+        open_storage(f"sqlite:///{path}")
+    assert "PGPASSWORD" not in str(info.value) and "another --storage" in str(info.value)
