@@ -40,7 +40,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ablate.errors import UserError
+from ablate.errors import UserError, one_line
 from ablate.fsutil import ablate_home, atomic_dir, atomic_write_json
 
 __all__ = ["PackedData", "DataSource", "parse_source", "load_packed", "tokenizer_fingerprint"]
@@ -177,17 +177,45 @@ def load_packed(source: str | os.PathLike | DataSource, tokenizer, *, seq_len: i
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
     folder = Path(cache_dir if cache_dir is not None else ablate_home() / "data") / key
     if not (folder / "meta.json").is_file():
+        _build_entry(folder, payload, src, tokenizer, seq_len, train_rows, val_rows, seed, progress)
+    train = np.load(folder / "train.npy", mmap_mode="r")
+    val = np.load(folder / "val.npy", mmap_mode="r")
+    return PackedData(train=train, val=val, seq_len=seq_len, source=src.describe())
+
+
+def _build_entry(folder: Path, payload: dict, src: DataSource, tokenizer, seq_len: int, train_rows: int,
+                 val_rows: int, seed: int, progress: bool) -> None:
+    """Pack one cache entry, once however many processes ask for it at the same time.
+
+    A lock file per entry (``<cache>/../.<cache name>.locks/<key>.lock``, outside the cache so that
+    holds only entries; an ``flock``, which the kernel drops when its holder dies, however it
+    dies) makes a second process wait for the first and then load its result, instead of packing
+    the same data again and meeting it at the final rename.
+    """
+    from filelock import FileLock, Timeout
+
+    locks = folder.parent.with_name(f".{folder.parent.name}.locks")
+    locks.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(locks / f"{folder.name}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if progress:
+            print(f"another process is packing {src.describe()} into {folder}; waiting for it")
+        lock.acquire()
+    try:
+        if (folder / "meta.json").is_file():  # built by the process we waited for
+            return
         try:
             # overwrite only a folder left without meta.json (written by hand or by an old version)
             with atomic_dir(folder, overwrite=folder.exists()) as tmp:
                 meta = _build(tmp, src, tokenizer, seq_len, train_rows, val_rows, seed, progress)
                 atomic_write_json(tmp / "meta.json", {**payload, **meta, "describe": src.describe()})
-        except FileExistsError:  # another process finished the same cache first: use theirs
+        except FileExistsError:  # a writer without the lock (an older version) finished first: use theirs
             if not (folder / "meta.json").is_file():
                 raise
-    train = np.load(folder / "train.npy", mmap_mode="r")
-    val = np.load(folder / "val.npy", mmap_mode="r")
-    return PackedData(train=train, val=val, seq_len=seq_len, source=src.describe())
+    finally:
+        lock.release()
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -287,11 +315,11 @@ def _hub_texts(src: DataSource, split: str) -> Iterator[str]:
                                    streaming=True)
         yield from _column(ds, src.text_field, where)
     except ConnectionError as exc:
-        raise UserError(f"cannot reach the Hugging Face Hub for {where} ({_one_line(exc)}); "
+        raise UserError(f"cannot reach the Hugging Face Hub for {where} ({one_line(exc)}); "
                         f"{fix}") from exc
     except (datasets.exceptions.DatasetNotFoundError, ValueError) as exc:
         raise UserError(f"cannot open {where} (config {src.config!r}, split {split!r}): "
-                        f"{_one_line(exc)}; check the name, config, split and access (HF_TOKEN)") from exc
+                        f"{one_line(exc)}; check the name, config, split and access (HF_TOKEN)") from exc
 
 
 def _column(ds, field: str, where: str) -> Iterator[str]:
@@ -306,10 +334,6 @@ def _column(ds, field: str, where: str) -> Iterator[str]:
                                 "set text_field to a string column")
             if text and not text.isspace():
                 yield text
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _streams(src: DataSource, seed: int) -> tuple[Iterable[str], Iterable[str] | None]:

@@ -148,3 +148,142 @@ def test_a_broken_sqlite_file_is_not_blamed_on_the_network(tmp_path):
     with pytest.raises(UserError) as info:
         open_storage(f"sqlite:///{path}")
     assert "PGPASSWORD" not in str(info.value) and "another --storage" in str(info.value)
+
+
+# -- item 19: concurrent writers of one cache entry; leftovers of killed writers ------------------
+
+
+def _write_corpus(path: Path, docs: int = 400) -> Path:
+    words = "the cat sat on a mat and ran under one big red tree".split()
+    path.write_text("\n\n".join(" ".join(words[(i + j) % len(words)] for j in range(30)) for i in range(docs)))
+    return path
+
+
+def _pack_in_child(corpus, tokenizer, home, barrier, conn):
+    import threading
+
+    import ablate.data as data
+
+    real = Path.rename
+
+    def rename(self, target):  # every writer that gets this far renames at the same moment
+        if ".partial-" in self.name:
+            try:
+                barrier.wait(timeout=2)
+            except threading.BrokenBarrierError:  # the others never got here (they waited on the lock)
+                pass
+        return real(self, target)
+
+    Path.rename = rename
+    try:
+        packed = data.load_packed(str(corpus), tokenizer, seq_len=16, train_tokens=64 * 16, val_tokens=4 * 16,
+                                  cache_dir=home, progress=False)
+        conn.send(("ok", int(packed.train.sum())))
+    except BaseException as exc:  # noqa: BLE001 - the parent reports it
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def test_processes_packing_one_cache_entry_at_once_share_it(tmp_path, tiny_tokenizer):
+    import multiprocessing
+
+    corpus = _write_corpus(tmp_path / "corpus.txt")
+    ctx = multiprocessing.get_context("fork")
+    n = 3
+    barrier = ctx.Barrier(n)
+    pipes, procs = [], []
+    for _ in range(n):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_pack_in_child, args=(corpus, tiny_tokenizer, tmp_path / "cache", barrier, child))
+        proc.start()
+        pipes.append(parent)
+        procs.append(proc)
+    results = [p.recv() if p.poll(60) else ("error", "timeout") for p in pipes]
+    for proc in procs:
+        proc.join(10)
+    assert all(r[0] == "ok" for r in results), results
+    assert len({r[1] for r in results}) == 1  # the same rows for everyone
+    entries = [p.name for p in (tmp_path / "cache").iterdir()]
+    assert len(entries) == 1 and not entries[0].startswith("."), entries  # no .partial-* or lock left in it
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("errno_name", ["ENOTEMPTY", "EEXIST"])
+def test_atomic_dir_keeps_the_result_of_a_writer_that_renamed_first(tmp_path, monkeypatch, overwrite, errno_name):
+    """The race lost between the existence check and the rename: the kernel refuses the rename
+    (ENOTEMPTY on Linux, EEXIST elsewhere); the other writer's result stays, ours is removed."""
+    import errno
+
+    from ablate import fsutil
+
+    final = tmp_path / "entry"
+    if overwrite:
+        final.mkdir()
+        (final / "stale.txt").write_text("stale")
+    real = Path.rename
+
+    def racing_rename(self, target):
+        if Path(target) == final and ".partial-" in self.name:  # the other writer won just now
+            final.mkdir(exist_ok=True)
+            (final / "theirs.txt").write_text("theirs")
+            raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)), str(self))
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", racing_rename)
+    with pytest.raises(FileExistsError):
+        with fsutil.atomic_dir(final, overwrite=overwrite) as tmp:
+            (tmp / "ours.txt").write_text("ours")
+    assert (final / "theirs.txt").read_text() == "theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"]  # our temporary and the stale copy are gone
+
+
+def test_a_failed_overwrite_puts_the_previous_folder_back(tmp_path, monkeypatch):
+    from ablate import fsutil
+
+    final = tmp_path / "export"
+    final.mkdir()
+    (final / "previous.txt").write_text("previous")
+    real = Path.rename
+
+    def failing(self, target):
+        if Path(target) == final and ".partial-" in self.name:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(PermissionError):
+        with fsutil.atomic_dir(final, overwrite=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert (final / "previous.txt").read_text() == "previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def test_leftovers_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from ablate import fsutil
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid, host = int(dead.stdout), socket.gethostname()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        names = {
+            f".export.partial-{dead_pid}@{host}-abc123": False,  # its writer is gone: removed
+            f".3.old-{dead_pid}@{host}-k_9": False,
+            f".export.partial-{live.pid}@{host}-abc123": True,  # a live writer: kept
+            f".export.partial-{os.getpid()}@{host}-abc123": True,  # ours
+            f".export.partial-{dead_pid}@another-machine-abc123": True,  # another host decides
+            ".export.partial-xyz123": True,  # an old-style name: no owner known, kept
+            "export": True,
+        }
+        for name in names:
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "f").write_text("x")
+        with fsutil.atomic_dir(tmp_path / "other") as tmp:
+            assert tmp.name.startswith(f".other.partial-{os.getpid()}@{host}-")
+        kept = {p.name for p in tmp_path.iterdir()}
+        assert kept == {n for n, keep in names.items() if keep} | {"other"}
+    finally:
+        live.kill()
+        live.wait()
