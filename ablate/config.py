@@ -8,21 +8,33 @@ overrides are applied to the YAML before validation, their values parsed as YAML
 from __future__ import annotations
 
 import re
+import types
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ablate.data import DataSource, parse_source
-from ablate.errors import UserError
+from ablate.errors import UserError, one_line
 from ablate.evaluate import ObjectiveConfig
 from ablate.train import TrainConfig
 
 __all__ = ["StudyConfig", "BaseConfig", "load_study_config", "parse_config", "DEFAULT_CONFIG"]
 
 DEFAULT_CONFIG = Path(__file__).parent / "studies" / "default.yaml"
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# \Z, not $: "$" also matches before a final newline, which would let "evil\n" name a folder
+NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")
+# Bounds on what a config may ask for: a study enumerates its configurations, and YAML aliases
+# expand into copies; far beyond any real study, far below what exhausts memory.
+MAX_REPEATS = 1_000
+MAX_BASES = 100
+MAX_M_VALUES = 1_024
+MAX_EXPERTS = 1_024
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_ALIASES = 1_000
+MAX_YAML_NODES = 100_000
+Finite = dict(allow_inf_nan=False)  # NaN / inf are refused with the field's name
 
 
 class Strict(BaseModel):
@@ -36,7 +48,7 @@ class BaseConfig(Strict):
                        "or a hub id such as HuggingFaceTB/SmolLM2-135M.")
     label: str | None = Field(None, description="Short name in tables and plots; default: the model's last "
                               "path component.")
-    m: list[int] | None = Field(None, description="The m values to try (layers removed from each copy). "
+    m: list[int] | None = Field(None, max_length=MAX_M_VALUES, description="The m values to try (layers removed from each copy). "
                                 "Default: the up-scaling range 0..n/2, where n/2 is the unchanged base.")
 
     moe: bool = Field(True, description="Include the MoE upcycle baseline for this base (Llama and Mistral "
@@ -60,11 +72,11 @@ class BaseConfig(Strict):
 class MoEConfig(Strict):
     """The Mixtral-style upcycle baseline."""
 
-    experts: int = Field(4, ge=1, description="Experts per layer, each a copy of the base MLP.")
-    top_k: int = Field(2, ge=1, description="Experts used per token.")
-    router_std: float | None = Field(None, gt=0, description="Router init std; default the base model's "
+    experts: int = Field(4, ge=1, le=MAX_EXPERTS, description="Experts per layer, each a copy of the base MLP.")
+    top_k: int = Field(2, ge=1, le=MAX_EXPERTS, description="Experts used per token.")
+    router_std: float | None = Field(None, gt=0, **Finite, description="Router init std; default the base model's "
                                      "initializer_range.")
-    expert_noise: float = Field(0.0, ge=0, description="Relative noise on expert copies to break their "
+    expert_noise: float = Field(0.0, ge=0, **Finite, description="Relative noise on expert copies to break their "
                                 "symmetry (0: the upcycle starts as exactly the base).")
 
     @model_validator(mode="after")
@@ -95,6 +107,8 @@ class DataConfig(Strict):
     @field_validator("source", mode="before")
     @classmethod
     def _source(cls, value):
+        if isinstance(value, dict) and list(value) == ["hf"]:  # YAML reads "hf:" and "hf: org/name" as mappings
+            return parse_source(f"hf:{value['hf'] if value['hf'] is not None else ''}")
         return parse_source(value) if isinstance(value, str) else value
 
 
@@ -160,14 +174,14 @@ class StudyConfig(Strict):
 
     name: str = Field(description="Study name: letters, digits, '.', '_', '-' (it names a folder).")
     description: str = Field("", description="The question the study asks.")
-    bases: list[BaseConfig] = Field(min_length=1, description="Base models.")
+    bases: list[BaseConfig] = Field(min_length=1, max_length=MAX_BASES, description="Base models.")
     methods: MethodsConfig = Field(default_factory=MethodsConfig, description="Arms to compare.")
     data: DataConfig = Field(default_factory=DataConfig, description="CPT and held-out text.")
     train: TrainConfig = Field(description="CPT settings; tokens is the budget shared by every arm.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation after CPT.")
     sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="Trial sampler.")
     pruner: PrunerConfig = Field(default_factory=PrunerConfig, description="Trial pruner.")
-    repeats: int = Field(1, ge=1, description="Seeds per configuration (base, method, m).")
+    repeats: int = Field(1, ge=1, le=MAX_REPEATS, description="Seeds per configuration (base, method, m).")
     trust_remote_code: bool = Field(False, description="Allow hub models' own code (off: only transformers' "
                                     "built-in architectures run). Takes effect only with --trust-remote-code "
                                     "on the command line, so a config file alone never runs code.")
@@ -210,19 +224,130 @@ def _set(tree: dict, dotted: str, value) -> None:
         raise UserError(f"--set {dotted}: cannot set {last!r} there")
 
 
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with bounds. PyYAML has no limit on aliases: ten nested anchors of ten
+    aliases each (a "YAML bomb") expand to 10**10 nodes once anything walks the tree, and an anchor
+    that refers to itself makes every walk recurse forever. This loader counts alias events while
+    composing and refuses a document with more than MAX_YAML_ALIASES aliases, more than
+    MAX_YAML_NODES nodes with every alias expanded, or an alias inside its own anchor."""
+
+    aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_YAML_ALIASES:
+                raise yaml.composer.ComposerError(None, None, f"more than {MAX_YAML_ALIASES} aliases (*name); "
+                                                  "a study config needs few", self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+    def compose_document(self):
+        node = super().compose_document()
+        _expanded_size(node, {}, set())
+        return node
+
+
+def _expanded_size(node, sizes: dict, open_: set) -> int:
+    """Nodes under ``node`` with aliases expanded (memoised, so a bomb is measured without expanding it)."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_:
+        raise yaml.composer.ComposerError(None, None, "an alias refers to its own anchor (a recursive "
+                                          "structure)", node.start_mark)
+    open_.add(key)
+    children = node.value if isinstance(node, yaml.SequenceNode) else \
+        [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else []
+    size = 1 + sum(_expanded_size(child, sizes, open_) for child in children)
+    open_.discard(key)
+    if size > MAX_YAML_NODES:
+        raise yaml.composer.ComposerError(None, None, f"over {MAX_YAML_NODES:,} values once its aliases are "
+                                          "expanded (a YAML bomb?)", node.start_mark)
+    sizes[key] = size
+    return size
+
+
+def load_yaml(text: str):
+    """``yaml.safe_load`` with bounds on aliases and size (:class:`_BoundedLoader`); raises yaml.YAMLError."""
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
+
+
+def _union(annotation) -> tuple:
+    return get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+
+
+def _child(annotation, key: str):
+    """The annotation of ``key`` inside a value of type ``annotation`` (None when unknown)."""
+    for option in _union(annotation):
+        if isinstance(option, type) and issubclass(option, BaseModel) and key in option.model_fields:
+            return option.model_fields[key].annotation
+        if get_origin(option) in (list, tuple) and key.isdigit() and get_args(option):
+            return get_args(option)[0]
+    return None
+
+
+def _leaves(annotation) -> set:
+    """The plain types a field accepts (str for a Literal of strings)."""
+    out = set()
+    for option in _union(annotation):
+        out |= {type(v) for v in get_args(option)} if get_origin(option) is Literal else {option}
+    return out
+
+
+def _as_text(dotted: str, value, raw: str):
+    """An override's YAML-typed value, or its text where the field takes text: ``--study 123`` and
+    ``--study true`` name studies "123" and "true", not the number 123 and the boolean True."""
+    annotation = StudyConfig
+    for key in dotted.split("."):
+        annotation = _child(annotation, key) if annotation is not None else None
+    if annotation is None or isinstance(value, str) or not isinstance(value, (int, float, bool, type(None))):
+        return value
+    leaves = _leaves(annotation)
+    if str in leaves and type(value) not in leaves and not (isinstance(value, int) and float in leaves
+                                                             and not isinstance(value, bool)):
+        return raw.strip()
+    return value
+
+
+def _refuse_bools(node, annotation, where: str, path: str = "") -> None:
+    """YAML's true/false where the schema wants a number: pydantic would read true as 1."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            child = _child(annotation, str(key))
+            if child is None:
+                continue
+            here = f"{path}.{key}" if path else str(key)
+            if isinstance(value, bool) and bool not in _leaves(child) and _leaves(child) & {int, float}:
+                raise UserError(f"{where}: {here}: expected a number, got {str(value).lower()} (true/false are "
+                                "not numbers)")
+            _refuse_bools(value, child, where, here)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            child = _child(annotation, str(i))
+            if child is None:
+                continue
+            if isinstance(value, bool) and bool not in _leaves(child) and _leaves(child) & {int, float}:
+                raise UserError(f"{where}: {path}.{i}: expected a number, got {str(value).lower()}")
+            _refuse_bools(value, child, where, f"{path}.{i}")
+
+
 def apply_overrides(tree: dict, overrides: list[str]) -> dict:
-    """Apply ``key.path=value`` overrides; values are parsed as YAML (``1e-3`` becomes a float)."""
+    """Apply ``key.path=value`` overrides; values are parsed as YAML (``1e-3`` becomes a float),
+    except where the field takes text (``--set name=123`` is the name "123")."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"--set {item!r} is not key.path=value (e.g. --set train.lr=1e-3)")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else raw
+            value = load_yaml(raw) if raw.strip() else raw
         except yaml.YAMLError:
             value = raw
         if isinstance(value, str):
             value = _number(value)
-        _set(tree, key.strip(), value)
+        _set(tree, key.strip(), _as_text(key.strip(), value, raw))
     return tree
 
 
@@ -235,12 +360,16 @@ def _number(text: str):
     return int(value) if value.is_integer() and re.fullmatch(r"[+-]?\d+", text.strip()) else value
 
 
-def _coerce_numbers(node):
+def _coerce_numbers(node, annotation=None):
+    """``1e-5`` strings as floats, except in fields that take text (a study named "1e3")."""
     if isinstance(node, dict):
-        return {k: _coerce_numbers(v) for k, v in node.items()}
+        return {k: _coerce_numbers(v, _child(annotation, str(k)) if annotation is not None else None)
+                for k, v in node.items()}
     if isinstance(node, list):
-        return [_coerce_numbers(v) for v in node]
-    if isinstance(node, str) and re.fullmatch(r"\s*[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+\s*", node):
+        return [_coerce_numbers(v, _child(annotation, str(i)) if annotation is not None else None)
+                for i, v in enumerate(node)]
+    if isinstance(node, str) and re.fullmatch(r"\s*[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+\s*", node) \
+            and (annotation is None or str not in _leaves(annotation)):
         return float(node)
     return node
 
@@ -256,6 +385,8 @@ def format_error(exc: ValidationError, where: str) -> str:
     elif first["type"] == "missing":
         msg = "required key is missing"
     got = first.get("input")
+    if first["type"] == "string_type" and isinstance(got, (bool, int, float)):
+        msg += "; YAML read it as a number or true/false: quote it (e.g. name: \"123\")"
     hide = first["type"] in {"missing", "extra_forbidden"} or isinstance(got, (dict, list))
     shown = "" if hide else f" (got {got!r})"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
@@ -266,8 +397,10 @@ def parse_config(tree: object, where: str = "config") -> StudyConfig:
     """Validate a parsed YAML tree; a UserError names the key that is wrong."""
     if not isinstance(tree, dict):
         raise UserError(f"{where}: the top level must be a mapping of keys (name, bases, train, ...)")
+    tree = _coerce_numbers(tree, StudyConfig)
+    _refuse_bools(tree, StudyConfig, where)
     try:
-        return StudyConfig.model_validate(_coerce_numbers(tree))
+        return StudyConfig.model_validate(tree)
     except ValidationError as exc:
         raise UserError(format_error(exc, where)) from None
 
@@ -275,13 +408,24 @@ def parse_config(tree: object, where: str = "config") -> StudyConfig:
 def load_study_config(path: str | Path | None = None, overrides: list[str] | None = None) -> StudyConfig:
     """Read a study YAML (default: the packaged default study), apply overrides, validate."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
+    if path.is_dir():
+        raise UserError(f"study config {path} is a folder; pass --config PATH to a studies/*.yaml file in it")
     if not path.is_file():
         raise UserError(f"study config {path} does not exist; pass --config PATH to a studies/*.yaml file")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise UserError(f"study config {path} is {path.stat().st_size:,} bytes, over the {MAX_CONFIG_BYTES:,} a "
+                        "study YAML may have; pass --config PATH to a studies/*.yaml file")
+    data = path.read_bytes()
     try:
-        tree = yaml.safe_load(path.read_text())
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not a UTF-8 text file (byte {exc.start} is {data[exc.start:exc.start + 1]!r}); "
+                        "pass --config PATH to a study YAML file") from None
+    try:
+        tree = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserError(f"{path} is not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
+        raise UserError(f"{path} is not valid YAML{at}: {one_line(getattr(exc, 'problem', None) or exc)}") from None
     tree = apply_overrides(tree if isinstance(tree, dict) else {}, overrides or []) if overrides else tree
     return parse_config(tree, str(path))

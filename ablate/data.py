@@ -448,7 +448,10 @@ def _check_enough(src: DataSource, writers: list[_Rows], seq_len: int) -> None:
     problems = []
     for w, name in zip(writers, ("train", "val"), strict=True):
         if not w.full:
-            fix = f"lower {name}_tokens to at most {w.tokens // seq_len * seq_len:,}"
+            most = w.tokens // seq_len * seq_len
+            # "lower val_tokens to at most 0" is no fix: with less than one row, only more text helps
+            fix = f"lower {name}_tokens to at most {most:,}" if most else \
+                f"that is less than one row of seq_len={seq_len}: lower seq_len"
             if name == "val" and src.kind != "synthetic" and not (src.val_split or src.val_path):
                 fix += " or raise val_fraction"
             problems.append(f"{w.tokens:,} {name} tokens (incl. EOS) for {name}_tokens="

@@ -287,3 +287,162 @@ def test_leftovers_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+# -- config: names, values, YAML (items 11, 15, 16, 17, 18) --------------------------------------
+
+
+def _default_with(*overrides):
+    from ablate.config import load_study_config
+
+    return load_study_config(None, list(overrides))
+
+
+@pytest.mark.parametrize("tail", ["\n", "\r", "\r\n", "\n\n", "\t", "\x00", "\x0b", "\u2028", " "])
+def test_a_study_name_with_a_control_character_is_refused(tail):
+    """Item 15: a name that names a folder is checked to its true end (``$`` also matches before a final newline)."""
+    from ablate.config import parse_config
+
+    tree = _default_with().model_dump(mode="json")
+    for name in (f"evil{tail}", f"{tail}evil", f"ev{tail}il"):
+        with pytest.raises(UserError, match="study name"):
+            parse_config({**tree, "name": name})
+    with pytest.raises(UserError, match="study name"):
+        _default_with(f"name={json.dumps('evil' + tail)}")
+
+
+@pytest.mark.parametrize("name", ["123", "007", "true", "false", "yes", "no", "on", "null", "1e3", "0x1F", "1.5"])
+def test_study_names_that_yaml_would_type_are_names(name):
+    """Item 18: ``--study 123`` / ``--study true`` (an override of a text field) keep their text."""
+    assert _default_with(f"name={name}").name == name
+
+
+def test_text_fields_written_as_numbers_in_a_file_say_to_quote(tmp_path):
+    from ablate.config import load_study_config
+
+    path = tmp_path / "s.yaml"
+    path.write_text((Path(__file__).parents[1] / "ablate" / "studies" / "default.yaml").read_text()
+                    .replace("name: ", "name: 123 #", 1))
+    with pytest.raises(UserError, match='name: Input should be a valid string; .*quote it'):
+        load_study_config(path)
+
+
+@pytest.mark.parametrize("key", ["train.tokens", "train.lr", "train.eval_every", "data.seq_len", "data.val_tokens",
+                                 "repeats", "methods.moe.experts", "methods.moe.router_std", "eval.batch_size",
+                                 "train.betas.0"])
+@pytest.mark.parametrize("value", ["true", "false"])
+def test_true_and_false_are_not_numbers(key, value):
+    """Item 18: pydantic reads ``tokens: true`` as 1; every numeric field refuses booleans."""
+    with pytest.raises(UserError, match=rf"{key}: expected a number, got {value}"):
+        _default_with(f"{key}={value}")
+
+
+def _float_fields(model, prefix=""):
+    from pydantic import BaseModel
+
+    from ablate.config import _leaves
+
+    for name, field in model.model_fields.items():
+        leaves = _leaves(field.annotation)
+        for leaf in leaves:
+            if isinstance(leaf, type) and issubclass(leaf, BaseModel):
+                yield from _float_fields(leaf, f"{prefix}{name}.")
+        if float in leaves:
+            yield f"{prefix}{name}"
+
+
+def test_every_float_of_the_schema_refuses_inf_and_nan():
+    """Item 16: a non-finite float fails its trial on NaN and uses up the configuration."""
+    from ablate.config import StudyConfig
+
+    keys = list(_float_fields(StudyConfig))
+    assert {"methods.moe.router_std", "methods.moe.expert_noise", "train.lr"} <= set(keys)
+    for key in keys:
+        for value in (".inf", "-.inf", ".nan"):
+            with pytest.raises(UserError, match=rf"{key}: "):
+                _default_with(f"{key}={value}")
+
+
+@pytest.mark.parametrize("override, bound", [
+    ("repeats=100000000", "less than or equal to 1000"),
+    ("methods.moe.experts=1000000", "less than or equal to 1024"),
+    ("bases=" + json.dumps([{"model": "llama-4l", "label": f"b{i}"} for i in range(101)]), "at most 100 items"),
+    ("bases.0.m=" + json.dumps(list(range(2000))), "at most 1024 items"),
+])
+def test_what_a_config_may_ask_for_is_bounded_with_the_bound_in_the_error(override, bound):
+    """Item 11: the search space is enumerated, so its size is bounded before anything runs."""
+    with pytest.raises(UserError, match=bound):
+        _default_with(override)
+
+
+@pytest.mark.parametrize("document, expect", [
+    ("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefghi", "bcdefghij")), "YAML bomb"),
+    ("name: &a [*a]\n", "refers to its own anchor"),
+    ("name: &a {k: *a}\n", "refers to its own anchor"),
+    ("x: &x 1\nl: [" + ", ".join(["*x"] * 1001) + "]\n", "more than 1000 aliases"),
+    ("name: " + "[" * 20000, "not valid YAML"),
+])
+def test_yaml_bombs_and_recursive_anchors_are_refused(tmp_path, document, expect):
+    """Item 11: PyYAML has no alias limit; the loader bounds aliases, expansion and recursion."""
+    from ablate.config import load_study_config
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(document)
+    with pytest.raises(UserError, match=expect) as info:
+        load_study_config(path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_yaml_bomb_in_an_override_is_refused_by_the_same_loader():
+    import yaml
+
+    from ablate.config import load_yaml
+
+    flow = "[&a [1, 1, 1, 1, 1, 1, 1, 1], " + ", ".join(
+        f"&{c} [{', '.join(['*' + p] * 8)}]" for p, c in zip("abcdefg", "bcdefgh")) + "]"
+    with pytest.raises(yaml.YAMLError, match="YAML bomb"):
+        load_yaml(flow)
+
+
+def test_anchors_and_merge_keys_of_an_ordinary_config_still_load(tmp_path):
+    import yaml
+
+    from ablate.config import load_study_config
+
+    tree = _default_with().model_dump(mode="json")
+    del tree["bases"]
+    text = yaml.safe_dump(tree) + ("bases:\n  - &b {model: llama-4l, label: a, moe: false}\n"
+                                   "  - {<<: *b, label: b}\n")
+    path = tmp_path / "anchors.yaml"
+    path.write_text(text)
+    config = load_study_config(path)
+    assert [(b.label, b.moe) for b in config.bases] == [("a", False), ("b", False)]
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)), "name: x\n".encode("utf-16"), b"\x00\x01\x02ELF",
+                                     b"name: caf\xe9\n"])
+def test_a_config_that_is_not_utf8_text_is_one_line(tmp_path, content):
+    """Item 17: a binary or non-UTF-8 --config."""
+    from ablate.config import load_study_config
+
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match="binary.yaml") as info:
+        load_study_config(path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_config_path_that_is_a_folder_says_so(tmp_path):
+    from ablate.config import load_study_config
+
+    with pytest.raises(UserError, match="is a folder"):
+        load_study_config(tmp_path)
+
+
+@pytest.mark.parametrize("source", ["hf:", "hf: ", "hf:  "])
+def test_an_empty_hub_source_names_the_problem(source):
+    """Item 18: YAML reads ``hf:`` as a mapping; it is the hub source with no dataset named."""
+    with pytest.raises(UserError, match="names no dataset"):
+        _default_with(f"data.source={source}")
+    assert _default_with("data.source=hf: org/name").data.source.name == "org/name"
