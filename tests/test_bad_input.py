@@ -193,7 +193,33 @@ CASES = [
     Case("sqlite-storage-is-garbage", "study",
          lambda i: ["--config", i.config("ok"), "--storage", f"sqlite:///{i.root / 'a-file'}"],
          "is not an SQLite database"),
+    # issue 12, items 11, 15-18: names, values and config files that only look valid
+    Case("study-name-ending-in-newline", "study", study("--set", 'name="evil\\n"'), "study name 'evil\\n' must be"),
+    Case("moe-router-std-inf", "study", study("--set", "methods.moe.router_std=.inf"),
+         "methods.moe.router_std: Input should be a finite number"),
+    Case("moe-expert-noise-nan", "study", study("--set", "methods.moe.expert_noise=.nan"),
+         "methods.moe.expert_noise: Input should be a finite number"),
+    Case("repeats-beyond-the-bound", "study", study("--set", "repeats=100000000"),
+         "repeats: Input should be less than or equal to 1000"),
+    Case("tokens-true", "study", lambda i: ["--config", i.train("booltok", tokens=True)],
+         "train.tokens: expected a number, got true"),
+    Case("hub-source-without-name", "study", study("--set", "data.source=hf:"), "names no dataset"),
+    Case("config-is-a-folder", "study", lambda i: ["--config", str(i.root / "not-a-checkpoint")], "is a folder"),
+    Case("binary-config", "study", lambda i: ["--config", _file(i.root / "configs" / "binary.yaml", bytes(range(256)))],
+         "is not a UTF-8 text file"),
+    Case("yaml-bomb", "study", lambda i: ["--config", _file(i.root / "configs" / "bomb.yaml", YAML_BOMB)],
+         "a YAML bomb?"),
+    Case("yaml-recursive-anchor", "study", lambda i: ["--config", _file(i.root / "configs" / "rec.yaml", b"a: &a [*a]\n")],
+         "refers to its own anchor"),
 ]
+YAML_BOMB = ("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefghi", "bcdefghij"))).encode()
+
+
+def _file(path: Path, content: bytes) -> str:
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(content)
+    return str(path)
 EXPORT_UNWRITABLE = [  # see the report: ablate/export.py lets the OSError of an unwritable --out through
     Case("upscale-unwritable-out", "upscale", lambda i: [str(i.kit.base), "--m", "1", "--out", "/proc/ablate-x"],
          "/proc"),
