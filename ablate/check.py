@@ -1,11 +1,9 @@
-"""Checks around a study: its inputs before it starts, and its records after it ran.
+"""The audit of a study's records: the Optuna storage's trial states against the trial folders.
 
-- :func:`validate_study` runs everything that can reject a study before anything is written:
-  each base's architecture and tokenizer, the m ranges, the token budget against one step,
-  and the data, built (or found in the cache) with the first trial's tokenizer. A bad config
-  then fails in seconds with one line, instead of at its first trial with a half-made study.
-- :func:`check_study` compares a study's three records, the Optuna storage, ``results.csv``
-  and the ``trials/`` folders, and lists every disagreement (tests run it after each crash).
+A trial's folder ``trials/<number>/`` (its ``result.json``) is its one record, and the storage
+holds each trial's state and value; :func:`check_study` lists every disagreement between the two
+(tests run it after each crash and kill). ``results.csv`` is derived from both and is not
+audited. Checking a study's inputs before it starts is :mod:`ablate.preflight`'s job.
 
     python -m ablate.check runs/default              # prints the problems; exit 1 if any
 """
@@ -18,151 +16,15 @@ import math
 import re
 from pathlib import Path
 
-from ablate.errors import UserError, cli
+import optuna
 
-__all__ = ["validate_study", "check_study", "main"]
+from ablate.errors import UserError, cli
+from ablate.results import study_dir_info
+from ablate.storage import open_storage
+
+__all__ = ["check_study", "main"]
 
 STARTED = ("COMPLETE", "PRUNED", "RUNNING")
-CSV_STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "fail", "RUNNING": "running", "WAITING": "waiting"}
-
-
-def _model_config(spec: str, trust_remote_code: bool):
-    """The transformers config of a local checkpoint or hub base, with one-line errors."""
-    from transformers import AutoConfig
-
-    from ablate.checkpoint import read_config_dict
-
-    local = Path(spec).expanduser()
-    if local.exists() or spec.startswith((".", "/", "~")):
-        raw = read_config_dict(local)  # missing folder, no config.json, bad JSON: one line each
-        _check_weights(local)
-        try:
-            return AutoConfig.from_pretrained(local, trust_remote_code=trust_remote_code)
-        except (ValueError, KeyError):
-            import transformers
-
-            raise UserError(f"base {spec}: transformers {transformers.__version__} does not know the architecture "
-                            f"{raw.get('model_type')!r}; use a decoder-only causal LM such as llama, mistral or "
-                            "qwen2") from None
-    try:
-        return AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # offline, gated, unknown: all one answer for the user
-        raise UserError(f"cannot read the config of base model {spec!r}: {_first_line(exc)}") from None
-
-
-def _check_weights(folder: Path) -> None:
-    """Weights load from safetensors only: pickled ``.bin`` files can run code when loaded."""
-    if any(folder.glob("*.safetensors")):
-        return
-    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
-        raise UserError(f"{folder} holds only pickled weights (.bin), which can run code when loaded; convert "
-                        "them to safetensors (model.save_pretrained(folder, safe_serialization=True))")
-    raise UserError(f"{folder} has a config.json but no *.safetensors weights")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
-
-
-def _check_architecture(base, config, model_config, trust_remote_code: bool) -> None:
-    """The base must build as a causal LM with ``model.model.layers`` (what DUS cuts and stacks)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    from ablate.moe import SUPPORTED
-
-    kind = model_config.model_type
-    fix = "use a decoder-only causal LM whose layers are model.model.layers, such as llama, mistral or qwen2"
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        with torch.device("meta"):  # the module tree only: no memory, no weights read
-            model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise UserError(f"base {base.model}: a {kind!r} model is not a causal LM ablate can build "
-                        f"({_first_line(exc)}); {fix}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None or not hasattr(layers, "__len__"):
-        raise UserError(f"base {base.model}: unsupported architecture {kind!r} ({type(model).__name__} has no "
-                        f"model.model.layers); {fix}")
-    if config.methods.moe is not None and base.moe and kind not in SUPPORTED:
-        raise UserError(f"bases[{base.name}]: the MoE upcycle supports {', '.join(SUPPORTED)} models, not {kind!r}; "
-                        "set moe: false for this base")
-
-
-def _tokenizer(spec: str, trust_remote_code: bool):
-    """The tokenizer a trial will use for ``spec``, without loading (or building) the model."""
-    from ablate import zoo
-    from ablate.checkpoint import load_tokenizer
-
-    if spec in zoo.ZOO:
-        return load_tokenizer(str(zoo.zoo_dir(spec))) if zoo.is_built(spec) else zoo.zoo_tokenizer()
-    return load_tokenizer(str(Path(spec).expanduser()) if Path(spec).expanduser().exists() else spec,
-                          trust_remote_code=trust_remote_code)
-
-
-def _vocab_size(model_config) -> int | None:
-    size = getattr(model_config, "vocab_size", None)
-    if size is None and hasattr(model_config, "get_text_config"):
-        size = getattr(model_config.get_text_config(), "vocab_size", None)
-    return size
-
-
-def _check_m(config, depths: dict[str, int]) -> None:
-    for b in config.bases:
-        n = depths[b.name]
-        bad = [m for m in (b.m or []) if not 0 <= m < n]
-        if bad:
-            raise UserError(f"bases[{b.name}].m: {bad} out of range for n={n}; choose 0 <= m < {n}")
-
-
-def validate_study(config, *, trust_remote_code: bool = False, progress: bool = True) -> dict[str, int]:
-    """Check a study's inputs the way its trials would meet them; return each base's depth n.
-
-    Nothing is written but the data cache (``ablate_home()/data``), which the first trial
-    would build anyway. Cheap checks run before expensive ones.
-    """
-    from ablate import zoo
-    from ablate.data import load_packed, tokenizer_fingerprint
-    from ablate.train import plan_budget
-    from ablate.trial import base_depth
-
-    if config.trust_remote_code and not trust_remote_code:
-        raise UserError("the study sets trust_remote_code: true, which runs code shipped with the model; "
-                        "pass --trust-remote-code on the command line to allow it")
-    model_configs = {}
-    depths = {}
-    for b in config.bases:
-        if b.model not in zoo.ZOO:
-            zoo.check_spec(b.model)  # an unknown name: one line listing the zoo
-            model_configs[b.name] = _model_config(b.model, trust_remote_code)
-            _check_architecture(b, config, model_configs[b.name], trust_remote_code)
-        depths[b.name] = base_depth(b.model, trust_remote_code=trust_remote_code)
-    _check_m(config, depths)
-    d, train = config.data, config.train
-    plan_budget(train, seq_len=d.seq_len, num_train_rows=train.tokens // d.seq_len)  # one step fits, multiples
-    val_rows = d.val_tokens // d.seq_len
-    if train.eval_rows > val_rows:
-        raise UserError(f"train.eval_rows={train.eval_rows} but data.val_tokens={d.val_tokens} makes {val_rows} "
-                        f"rows of seq_len={d.seq_len}; lower train.eval_rows or raise data.val_tokens")
-    built = set()
-    for b in config.bases:
-        tokenizer = _tokenizer(b.model, trust_remote_code)
-        vocab = _vocab_size(model_configs[b.name]) if b.name in model_configs else None
-        if vocab is not None and len(tokenizer) > vocab:
-            raise UserError(f"base {b.model}: its tokenizer has {len(tokenizer)} tokens but the model's vocab_size "
-                            f"is {vocab}; use the tokenizer saved with this model")
-        key = tokenizer_fingerprint(tokenizer)
-        if key not in built:  # the data a trial would read, cached for it
-            data = load_packed(d.source, tokenizer, seq_len=d.seq_len, train_tokens=train.tokens,
-                               val_tokens=d.val_tokens, seed=d.seed, progress=progress)
-            plan_budget(train, seq_len=d.seq_len, num_train_rows=int(data.train.shape[0]))
-            built.add(key)
-    return depths
 
 
 def _close(a, b) -> bool:
@@ -236,51 +98,17 @@ def _check_configurations(trials: list) -> list[str]:
     return [f"configuration {arm} ran in trials {numbers}" for arm, numbers in seen.items() if len(numbers) > 1]
 
 
-def _check_csv(study_dir: Path, trials: list) -> list[str]:
-    import pandas as pd
-
-    path = study_dir / "results.csv"
-    if not path.is_file():
-        return ["results.csv is missing"] if trials else []
-    frame = pd.read_csv(path)
-    rows = {int(r["trial"]): r for r in frame.to_dict("records")}
-    numbers = {t.number for t in trials}
-    out = [f"results.csv has trial {n}, the storage does not" for n in sorted(set(rows) - numbers)]
-    out += [f"results.csv lacks trial {n}" for n in sorted(numbers - set(rows))]
-    for t in trials:
-        row = rows.get(t.number)
-        if row is None:
-            continue
-        if row["state"] != CSV_STATES[t.state.name]:
-            out.append(f"results.csv has trial {t.number} {row['state']} but the storage {CSV_STATES[t.state.name]}")
-        value = t.value if t.values is not None and len(t.values) == 1 else None  # pruned: its last loss
-        if not _close(None if pd.isna(row["objective"]) else row["objective"], value):
-            out.append(f"results.csv has trial {t.number} objective {row['objective']} but the storage {value}")
-        for key in ("base", "method", "m"):
-            mine, theirs = row.get(key), t.user_attrs.get(key)
-            mine = None if pd.isna(mine) else mine
-            numbers = isinstance(mine, (int, float)) and isinstance(theirs, (int, float))
-            if mine != theirs and not (numbers and _close(mine, theirs)):
-                out.append(f"results.csv has trial {t.number} {key}={mine} but the storage {theirs}")
-    return out
-
-
 def check_study(study_dir: str | Path, storage: str | None = None) -> list[str]:
-    """Every disagreement between a study's storage, ``results.csv`` and ``trials/`` folders.
+    """Every disagreement between a study's storage and its ``trials/`` folders.
 
     - a finished trial has a complete folder whose ``result.json`` matches its state, value and
       configuration, and a failed trial's folder (when it has one) records the failure;
     - no folder looks complete for a trial the storage has not finished (killed, running,
       queued or unknown), and no ``.N.partial-*`` leftover remains beside a finished trial;
-    - no configuration ran twice; ``results.csv`` has the storage's trials, states and values.
+    - no configuration ran twice.
 
     ``storage`` overrides the URL in ``study.json`` (needed when it held a password).
     """
-    import optuna
-
-    from ablate.results import study_dir_info
-    from ablate.storage import open_storage
-
     study_dir = Path(study_dir)
     info = study_dir_info(study_dir)
     url = storage or info.get("storage")
@@ -291,14 +119,14 @@ def check_study(study_dir: str | Path, storage: str | None = None) -> list[str]:
     except KeyError:
         return [f"the storage {info.get('storage')} has no study {info['name']!r}"]
     trials = study.get_trials(deepcopy=False)
-    return _check_folders(study_dir, trials) + _check_configurations(trials) + _check_csv(study_dir, trials)
+    return _check_folders(study_dir, trials) + _check_configurations(trials)
 
 
 @cli
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ablate.check",
-                                     description="List disagreements between a study's storage, results.csv and "
-                                                 "trial folders (exit 1 if there are any).")
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog or "python -m ablate.check",
+                                     description="List disagreements between a study's storage and its trial "
+                                                 "folders (exit 1 if there are any).")
     parser.add_argument("study", help="a study folder, e.g. runs/default")
     parser.add_argument("--storage", default=None, help="storage URL, when study.json's is redacted")
     args = parser.parse_args(argv)

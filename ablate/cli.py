@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("ablate.check", "check that a study's records agree"),
     "upscale": ("ablate.upscale", "write a depth up-scaled (DUS) checkpoint and its mergekit YAML"),
     "moe": ("ablate.moe", "write a Mixtral-style MoE upcycle and its mergekit-moe YAML"),
-    "zoo": ("ablate.zoo", "list or build the built-in base models"),
+    "zoo": ("ablate.zoobuild", "list or build the built-in base models"),
 }
 
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ablate.data import DataSource, parse_source
 from ablate.errors import UserError, one_line
-from ablate.evaluate import ObjectiveConfig
+from ablate.objective import ObjectiveConfig
 from ablate.train import TrainConfig
 
 __all__ = ["StudyConfig", "BaseConfig", "load_study_config", "parse_config", "DEFAULT_CONFIG"]

@@ -1,4 +1,4 @@
-"""Fast evaluation of an in-memory model: held-out perplexity, lm-eval tasks on a fixed subset, one objective.
+"""Fast evaluation of an in-memory model: held-out perplexity and lm-eval tasks on a fixed subset.
 
 - :func:`perplexity`: mean next-token cross-entropy over fixed validation token rows
   (``PackedData.val``); needs only torch.
@@ -6,7 +6,6 @@
   flattened to ``{"task/metric": value}``; its numbers equal a direct ``simple_evaluate`` call with
   the same HFLM settings and items (tested).
 - :func:`subset_indices`: the fixed item subset, the same for every trial.
-- :class:`ObjectiveConfig`, :func:`objective_value`, :func:`direction`: the study's single number.
 
 Subset semantics (``evaluate(..., subset=k, subset_seed=s)``): every leaf task (members of a group
 included) is scored on ``subset_indices(n, k, s)`` of its evaluation split (lm-eval's ``eval_docs``:
@@ -33,17 +32,13 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ablate.errors import UserError
 
 __all__ = [
-    "ObjectiveConfig",
     "Precision",
-    "direction",
     "evaluate",
     "flatten_results",
-    "objective_value",
     "perplexity",
     "subset_indices",
     "task_manager",
@@ -99,8 +94,10 @@ def perplexity(model, rows: np.ndarray, *, batch_size: int = 8, precision: Preci
 
     Returns ``{"val_loss": float, "val_ppl": float, "tokens": int}``.
     """
-    import torch
+    import torch  # torch only here and in evaluate(): `import ablate.evaluate` stays cheap
     import torch.nn.functional as F
+
+    from ablate.torchutil import evaluating  # imports torch
 
     rows = np.asarray(rows)
     if rows.ndim != 2 or rows.shape[0] < 1 or rows.shape[1] < 2:
@@ -120,20 +117,15 @@ def perplexity(model, rows: np.ndarray, *, batch_size: int = 8, precision: Preci
     device = next(model.parameters()).device
     amp = _autocast_dtype(model, precision)
     total = torch.zeros((), dtype=torch.float64, device=device)  # float64: many rows lose no precision
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, rows.shape[0], batch_size):
-                batch = torch.from_numpy(np.asarray(rows[start : start + batch_size], dtype=np.int64)).to(device)
-                autocast = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
-                with autocast:
-                    logits = model(input_ids=batch, use_cache=False).logits
-                # One row at a time so the fp32 copy of the logits stays small.
-                for row_logits, row in zip(logits, batch, strict=True):
-                    total += F.cross_entropy(row_logits[:-1].float(), row[1:], reduction="sum").double()
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        for start in range(0, rows.shape[0], batch_size):
+            batch = torch.from_numpy(np.asarray(rows[start : start + batch_size], dtype=np.int64)).to(device)
+            autocast = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
+            with autocast:
+                logits = model(input_ids=batch, use_cache=False).logits
+            # One row at a time so the fp32 copy of the logits stays small.
+            for row_logits, row in zip(logits, batch, strict=True):
+                total += F.cross_entropy(row_logits[:-1].float(), row[1:], reduction="sum").double()
     tokens = int(rows.shape[0]) * (int(rows.shape[1]) - 1)
     loss = total.item() / tokens
     return {"val_loss": loss, "val_ppl": math.exp(loss), "tokens": tokens}
@@ -416,65 +408,3 @@ def evaluate(
         finally:
             model.train(was_training)  # HFLM switched it to eval mode
     return flatten_results(out["results"])
-
-
-# ----------------------------------------------------------------------------- objective
-
-_LOSS_KEYS = ("val_loss", "val_ppl")
-
-
-class ObjectiveConfig(BaseModel):
-    """The single number a study optimises, read from a trial's metrics.
-
-    ``{kind: val_loss}`` (the default), ``{kind: metric, keys: [arc_challenge/acc_norm]}`` or
-    ``{kind: mean, keys: [synth_k1/acc, synth_k2/acc]}``.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["val_loss", "metric", "mean"] = Field(
-        "val_loss",
-        description="val_loss: held-out loss (minimise; the least noisy signal at small budgets). "
-        "metric: one 'task/metric' (maximise). mean: mean of several 'task/metric' (maximise).",
-    )
-    keys: list[str] = Field(
-        default_factory=list,
-        description="The 'task/metric' result keys: exactly one for kind=metric, one or more for kind=mean, "
-        "none for kind=val_loss.",
-    )
-
-    @model_validator(mode="after")
-    def _keys_match_kind(self) -> ObjectiveConfig:
-        if self.kind == "val_loss" and self.keys:
-            raise ValueError("kind 'val_loss' takes no keys; use kind 'metric' or 'mean' to optimise task metrics")
-        if self.kind == "metric" and len(self.keys) != 1:
-            raise ValueError(f"kind 'metric' needs exactly one key, got {len(self.keys)}; use kind 'mean' for several")
-        if self.kind == "mean" and not self.keys:
-            raise ValueError("kind 'mean' needs at least one key, e.g. keys: [synth_k1/acc, synth_k2/acc]")
-        if any(key in _LOSS_KEYS for key in self.keys):
-            raise ValueError("val_loss/val_ppl are minimised: use kind 'val_loss' instead of listing them as keys")
-        bad = [key for key in self.keys if "/" not in key]
-        if bad:
-            raise ValueError(f"keys must look like 'task/metric' (e.g. arc_challenge/acc_norm), got {bad}")
-        return self
-
-    def describe(self) -> str:
-        """A short human-readable name: 'held-out loss', 'arc_challenge/acc_norm', 'mean of a, b'."""
-        if self.kind == "val_loss":
-            return "held-out loss"
-        return self.keys[0] if self.kind == "metric" else f"mean of {', '.join(self.keys)}"
-
-
-def direction(cfg: ObjectiveConfig) -> Literal["minimize", "maximize"]:
-    """Optuna's direction for ``cfg``: the held-out loss is minimised, task metrics maximised."""
-    return "minimize" if cfg.kind == "val_loss" else "maximize"
-
-
-def objective_value(metrics: Mapping[str, float], cfg: ObjectiveConfig) -> float:
-    """The objective from a trial's metrics (``perplexity`` and ``evaluate`` results merged)."""
-    keys = ["val_loss"] if cfg.kind == "val_loss" else cfg.keys
-    for key in keys:
-        if key not in metrics:
-            available = ", ".join(sorted(metrics)) or "none"
-            raise UserError(f"objective key {key!r} is not in the evaluation results; available: {available}")
-    return float(sum(float(metrics[key]) for key in keys) / len(keys))

@@ -22,8 +22,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ablate.checkpoint import read_config_dict
-from ablate.errors import UserError
+from tqdm.auto import tqdm
+
+from ablate import base as bases
+from ablate.errors import UserError, first_line
 from ablate.fsutil import atomic_dir, atomic_write_json, check_writable
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
 ]
 
 COPY_CHUNK = 16 * 2**20  # bytes per read when copying a tensor: bounds peak memory
+MAX_HEADER = 100 * 2**20  # the safetensors library's own bound on a header's size
 # Files of a source checkpoint that a variant must not inherit: weights, their index,
 # the config (rewritten) and our own records (rewritten).
 SKIP_FILES = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.h5|\.msgpack)$|"
@@ -76,74 +79,85 @@ class Source:
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
-    """The tensors of one safetensors file, located by byte range."""
+    """The tensors of one safetensors file, located by byte range, each checked to lie inside the file.
+
+    Read by hand rather than with ``safetensors.safe_open``, which does not expose where a
+    tensor's bytes are; the streaming copy needs exactly that.
+    """
+    bad = f"{path} is not a safetensors file"
+    fix = "; download or convert the checkpoint again"
+    size_on_disk = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise UserError(f"{path} is not a safetensors file (too short)")
+            raise UserError(f"{bad} (too short){fix}")
         (size,) = struct.unpack("<Q", raw)
+        if size > size_on_disk - 8 or size > MAX_HEADER:
+            raise UserError(f"{bad} (its header claims {size:,} bytes, the file has {size_on_disk:,}){fix}")
         try:
             header = json.loads(f.read(size))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"{path} is not a safetensors file (bad header)") from None
+            raise UserError(f"{bad} (bad header){fix}") from None
     base = 8 + size
-    return {
-        name: TensorRef(path, info["dtype"], tuple(info["shape"]), base + info["data_offsets"][0],
-                        base + info["data_offsets"][1])
-        for name, info in header.items()
-        if name != "__metadata__"
-    }
+    out = {}
+    try:
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = (base + int(x) for x in info["data_offsets"])
+            out[name] = TensorRef(path, str(info["dtype"]), tuple(int(d) for d in info["shape"]), start, end)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise UserError(f"{bad} (a header entry without dtype, shape and data_offsets){fix}") from None
+    outside = [n for n, t in out.items() if not base <= t.start <= t.end <= size_on_disk]
+    if outside:
+        raise UserError(f"{path} is truncated: tensor {outside[0]} runs past the end of the file{fix}")
+    return out
 
 
 def resolve_source(src: str) -> Source:
-    """A local checkpoint folder (or a hub id, downloaded when online) with safetensors weights."""
+    """A local checkpoint folder (or a hub id, downloaded when online) and its safetensors tensors.
+
+    The weight files are the ones :func:`ablate.base.weight_files` allows: ``model.safetensors``
+    or the shards its index names, all present; nothing pickled is ever read.
+    """
     path = Path(src).expanduser()
-    if not path.exists() and not src.startswith((".", "/", "~")) and src.count("/") == 1:
+    if not path.exists() and not src.startswith((".", "/", "~")) and bases.HUB_ID.match(src):
         path = _download(src)
-    read_config_dict(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        if any(path.glob("*.bin")) or any(path.glob("*.pt")):
-            raise UserError(f"{path} holds only pickled weights (.bin); convert them to safetensors first")
-        raise UserError(f"{path} has a config.json but no *.safetensors weights")
+    bases.read_config_dict(path)
     tensors: dict[str, TensorRef] = {}
-    for file in files:
+    for file in bases.weight_files(path):
         tensors.update(read_safetensors_header(file))
     return Source(path, tensors)
 
 
 def _download(repo_id: str) -> Path:
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # lazy: only a hub id needs the network client
 
         return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
     except Exception as exc:  # offline, unknown repo, gated: all one answer for the user
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
             f"{repo_id!r} is not a local folder and could not be fetched from the Hugging Face Hub "
-            f"({reason}); check the name or download it and pass the folder"
+            f"({first_line(exc)}); check the name or download it and pass the folder"
         ) from None
 
 
 def load_config(source: Source, *, supported: Iterable[str] | None = None):
-    """The source's transformers config; an unknown or unsupported architecture is a UserError."""
-    from transformers import AutoConfig
-
-    raw = read_config_dict(source.folder)
+    """The source's transformers config, checked against its tensors; an unsupported architecture,
+    a config that asks for the model's own code, or weights that do not cover the config are UserErrors."""
+    raw = bases.read_config_dict(source.folder)
     model_type = raw.get("model_type")
     if supported is not None and model_type not in supported:
         raise UserError(
             f"{source.folder} is a {model_type!r} model; supported architectures: {', '.join(supported)}"
         )
-    try:
-        config = AutoConfig.from_pretrained(source.folder, trust_remote_code=False)
-    except (ValueError, KeyError, OSError) as exc:
-        raise UserError(f"{source.folder}: unsupported or broken config ({str(exc).splitlines()[0]})") from None
+    config = bases.model_config(bases.BaseRef(str(source.folder), "local", str(source.folder)))
     if not any(name.startswith("model.layers.") for name in source.tensors):
         raise UserError(
             f"{source.folder} ({model_type}) has no model.layers.* tensors; only decoder-only "
             "causal LMs in the Llama layout are supported"
         )
+    bases.check_coverage(source.folder, config, set(source.tensors))
     return config
 
 
@@ -215,6 +229,33 @@ def _write_shard(path: Path, names: list[str], tensors: dict, bar) -> None:
             f.close()
 
 
+def _check_out(out: Path, source: Path, force: bool) -> None:
+    """``out`` may be written: new, or (with ``force``) a previous export and nothing else.
+
+    ``--force`` replaces the whole folder, so it must never be the source, inside it or above
+    it (replacing a folder that holds the source deletes the source), nor a folder that holds
+    anything but an export of ours: ``ablate.json`` and files only, no subfolders.
+    """
+    target, src = out.resolve(), source.resolve()
+    if target == src or target in src.parents or src in target.parents:
+        where = "is" if target == src else "contains" if target in src.parents else "is inside"
+        raise UserError(f"output folder {out} {where} the source checkpoint {source}; choose another --out")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
+        raise UserError(f"output folder {out} already exists; choose another --out or pass --force")
+    if out.is_symlink() or not out.is_dir():
+        raise UserError(f"output folder {out} exists and is not a folder; choose another --out")
+    try:
+        record = json.loads((out / "ablate.json").read_bytes())
+        ours = isinstance(record, dict) and "method" in record
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        ours = False
+    if not ours or any(p.is_dir() or p.is_symlink() for p in out.iterdir()):
+        raise UserError(f"output folder {out} exists and is not an earlier export (--force replaces only those: "
+                        "a folder with ablate.json and no subfolders); choose another --out")
+
+
 def write_checkpoint(source: Source, out: str | os.PathLike, config, tensors: dict, *,
                      extra_files: dict[str, str] | None = None, record: dict | None = None,
                      force: bool = False, max_shard_size: str = "2GB", progress: bool = True) -> Path:
@@ -223,16 +264,9 @@ def write_checkpoint(source: Source, out: str | os.PathLike, config, tensors: di
     Small files of the source (tokenizer, generation config, chat template) are copied.
     ``extra_files`` are written as text; ``record`` becomes ``ablate.json``.
     """
-    from tqdm.auto import tqdm
-
-
-
     out = Path(out).expanduser()
     max_bytes = parse_size(max_shard_size)
-    if out.exists() and not force:
-        raise UserError(f"output folder {out} already exists; choose another --out or pass --force")
-    if out.resolve() == source.folder.resolve():
-        raise UserError(f"output folder {out} is the source checkpoint; choose another --out")
+    _check_out(out, source.folder, force)
     check_writable(out.parent)  # really creates and removes a folder: os.access says yes to root on /proc
     shards = _plan_shards(tensors, max_bytes)
     total = sum(t.nbytes for t in tensors.values())

@@ -19,8 +19,13 @@ import math
 import sys
 from pathlib import Path
 
+from ablate import plots, studyplots
 from ablate.errors import UserError, cli
 from ablate.fsutil import atomic_write_text
+from ablate.objective import ObjectiveConfig
+from ablate.plots import arm_stats, best_m, human_count
+from ablate.redundancy import study_redundancy
+from ablate.results import load, open_study, study_dir_info
 
 __all__ = ["make_figures", "resolve_study_dir", "objective_label", "read_curves", "results_table", "main"]
 
@@ -41,8 +46,6 @@ def objective_label(info: dict) -> tuple[str, str, str]:
     direction = info.get("direction", "minimize")
     spec = info.get("config", {}).get("eval", {}).get("objective", {"kind": "val_loss"})
     try:
-        from ablate.evaluate import ObjectiveConfig
-
         text = ObjectiveConfig.model_validate(spec).describe()
     except (ImportError, ValueError):  # a study.json from another version: show the recorded spec as is
         keys = spec.get("keys")
@@ -74,22 +77,6 @@ def read_curves(study_dir: Path, trials) -> dict:
     return out
 
 
-def _open_study(study_dir: Path, info: dict, storage: str | None):
-    """The Optuna study of ``info``, or None when its storage cannot be opened (then results.csv is used)."""
-    import optuna
-
-    from ablate.results import storage_url
-    from ablate.storage import open_storage
-
-    url = storage_url(study_dir, info, storage)
-    if url is None:
-        return None
-    try:
-        return optuna.load_study(study_name=info["name"], storage=open_storage(url))
-    except (KeyError, ValueError, OSError, UserError):
-        return None
-
-
 def _fmt(x: float, digits: int = 4) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
@@ -98,8 +85,6 @@ def results_table(df, *, direction: str, bases: list[str] | None = None, score: 
     """Per base (in ``bases`` order) and method: m, s, sizes, tokens, score mean with a 95% t-interval
     (or n=1 with one seed), val loss, and notes (unchanged base, best m)."""
     import pandas as pd
-
-    from ablate.plots import arm_stats, best_m, human_count
 
     stats = arm_stats(df, "objective")
     rank = {b: i for i, b in enumerate(bases or [])}
@@ -152,9 +137,6 @@ def _latex(table, caption: str) -> str:
 def make_figures(study_dir: str | Path, out: str | Path, *, storage: str | None = None, redundancy: bool = True,
                  device: str = "cpu", rows: int = 32) -> list[Path]:
     """Write every figure and both tables of a study to ``out``; return the written paths."""
-    from ablate import plots, studyplots
-    from ablate.results import load, study_dir_info
-
     study_dir, out = Path(study_dir), Path(out)
     info = study_dir_info(study_dir)
     name = info.get("name", study_dir.name)
@@ -167,17 +149,15 @@ def make_figures(study_dir: str | Path, out: str | Path, *, storage: str | None 
     order = [b.get("label") or Path(b["model"].rstrip("/")).name for b in config.get("bases", [])]
     label, description, direction = objective_label(info)
     loss_label = "held-out loss after CPT (nats/token; lower is better)"
-    study = _open_study(study_dir, info, storage)
+    study = open_study(study_dir, info, storage)
 
     def optuna_figure(title: str, draw):
         if study is None:
-            return plots.message_figure(title, "the study's Optuna storage cannot be opened here (results.csv "
-                                        "only); pass --storage URL")
+            return plots.message_figure(title, "the study's Optuna storage cannot be opened here (trial "
+                                        "folders only); pass --storage URL")
         return draw()
 
     def redundancy_figure():
-        from ablate.redundancy import study_redundancy
-
         try:
             distances = study_redundancy(config, study_dir, rows=rows, device=device)
         except UserError as exc:  # a base that cannot load here must not cost the other figures
@@ -215,9 +195,9 @@ def make_figures(study_dir: str | Path, out: str | Path, *, storage: str | None 
 
 
 @cli
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ablate.figures", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog or "python -m ablate.figures", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Write a study's figures (PDF + PNG) and results tables (LaTeX + Markdown).",
         epilog="examples:\n  python -m ablate.figures --study default --out paper/figures\n"
                "  python -m ablate.figures --study runs/default --out /tmp/fig --no-redundancy")

@@ -20,14 +20,15 @@ equivalent mergekit-moe recipe::
 
 from __future__ import annotations
 
-import argparse
 import re
 
+from ablate.base import MOE_FAMILIES
 from ablate.errors import UserError, cli
+from ablate.exportcli import export_parser, run_export
 
 __all__ = ["SUPPORTED", "moe_config", "router_init", "upcycle", "export_upcycled", "main"]
 
-SUPPORTED = ("llama", "mistral")
+SUPPORTED = MOE_FAMILIES  # one list, kept by the base resolver
 # Mixtral-8x7B's released config uses 0.02 for the load-balancing loss (HF's class
 # default is 0.001, too weak to keep a freshly upcycled router balanced).
 AUX_LOSS_COEF = 0.02
@@ -204,24 +205,24 @@ def export_upcycled(src: str, num_experts: int, top_k: int, out: str, *, seed: i
 
 
 @cli
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m ablate.moe",
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
+    def options(parser) -> None:
+        parser.add_argument("--experts", type=int, required=True, help="experts per layer (copies of the MLP)")
+        parser.add_argument("--top-k", type=int, required=True, help="experts used per token (<= --experts)")
+
+    parser = export_parser(
+        prog or "python -m ablate.moe",
         description="Write a Mixtral-style MoE upcycle of a dense Llama/Mistral checkpoint, streaming its tensors.",
-        epilog="example: python -m ablate.moe ./mistral-7b --experts 8 --top-k 2 --out ./mixtral-like",
+        example="./mistral-7b --experts 8 --top-k 2 --out ./mixtral-like",
+        options=options,
+        seed_help="seed of the router initialisation (default 0)",
     )
-    parser.add_argument("src", help="a local Hugging Face checkpoint folder, or a hub id when online")
-    parser.add_argument("--experts", type=int, required=True, help="experts per layer (copies of the MLP)")
-    parser.add_argument("--top-k", type=int, required=True, help="experts used per token (<= --experts)")
-    parser.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the router initialisation (default 0)")
-    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
-    parser.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
-    args = parser.parse_args(argv)
-    export_upcycled(args.src, args.experts, args.top_k, args.out, seed=args.seed, force=args.force,
-                    max_shard_size=args.max_shard_size)
-    print(f"wrote {args.out}: {args.experts} experts, top-{args.top_k}")
-    return 0
+    return run_export(
+        parser, argv,
+        export=lambda a: export_upcycled(a.src, a.experts, a.top_k, a.out, seed=a.seed, force=a.force,
+                                         max_shard_size=a.max_shard_size),
+        report=lambda a, record: f"{a.experts} experts, top-{a.top_k}",
+    )
 
 
 if __name__ == "__main__":

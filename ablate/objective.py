@@ -1,112 +1,77 @@
-"""The Optuna objective: one trial from sampled configuration to recorded result.
+"""The study's objective: the single number a trial is scored by, and which way is better.
 
-A callable class (Optuna's recommended shape): ``trial.suggest_*`` happens only in
-:meth:`ablate.search.SearchSpace.suggest`; this class reports held-out loss during CPT
-so the pruner can stop hopeless trials, records every number as user attributes, and
-writes the trial's folder ``<study>/trials/<number>/`` atomically: the resolved
-config, ``env.json``, CPT's ``metrics.jsonl`` and ``result.json``.
-
-With a :class:`~ablate.storage.Worker` (the study command always passes one) the trial is
-marked with the process that runs it, and once its configuration is in the storage the
-study's sampling lock is released. A trial whose configuration another trial already holds
-(possible only where workers cannot lock each other out) stands down before doing any work:
-it fails with ``duplicate_of`` set, which gives the configuration back to the study, so no
-configuration ever runs twice, at worst it is drawn again later.
+:class:`ObjectiveConfig` is the ``eval.objective`` block of a study config; :func:`objective_value`
+reads it off a trial's metrics (``ablate.evaluate``'s perplexity and task results, merged) and
+:func:`direction` tells Optuna whether to minimise or maximise. Pure Python and pydantic: the
+config schema, the study, the figures and the summary all read it without importing torch.
 """
 
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
+from collections.abc import Mapping
+from typing import Literal
 
-import optuna
-import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ablate.fsutil import atomic_dir, atomic_write_json, atomic_write_text
-from ablate.search import SearchSpace
-from ablate.storage import Worker
-from ablate.trial import TrialFailed, Workspace, environment, run_trial
+from ablate.errors import UserError
 
-__all__ = ["Objective", "RECORDED"]
+__all__ = ["ObjectiveConfig", "direction", "objective_value"]
 
-# Record fields stored as Optuna user attributes (the rest stays in result.json).
-RECORDED = ("n", "s", "seed", "data_order_seed", "params_total", "params_active", "tokens", "flops", "device",
-            "metrics", "build_s", "train_s", "eval_s", "wall_s")
+_LOSS_KEYS = ("val_loss", "val_ppl")
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__
+class ObjectiveConfig(BaseModel):
+    """The single number a study optimises, read from a trial's metrics.
+
+    ``{kind: val_loss}`` (the default), ``{kind: metric, keys: [arc_challenge/acc_norm]}`` or
+    ``{kind: mean, keys: [synth_k1/acc, synth_k2/acc]}``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["val_loss", "metric", "mean"] = Field(
+        "val_loss",
+        description="val_loss: held-out loss (minimise; the least noisy signal at small budgets). "
+        "metric: one 'task/metric' (maximise). mean: mean of several 'task/metric' (maximise).",
+    )
+    keys: list[str] = Field(
+        default_factory=list,
+        description="The 'task/metric' result keys: exactly one for kind=metric, one or more for kind=mean, "
+        "none for kind=val_loss.",
+    )
+
+    @model_validator(mode="after")
+    def _keys_match_kind(self) -> ObjectiveConfig:
+        if self.kind == "val_loss" and self.keys:
+            raise ValueError("kind 'val_loss' takes no keys; use kind 'metric' or 'mean' to optimise task metrics")
+        if self.kind == "metric" and len(self.keys) != 1:
+            raise ValueError(f"kind 'metric' needs exactly one key, got {len(self.keys)}; use kind 'mean' for several")
+        if self.kind == "mean" and not self.keys:
+            raise ValueError("kind 'mean' needs at least one key, e.g. keys: [synth_k1/acc, synth_k2/acc]")
+        if any(key in _LOSS_KEYS for key in self.keys):
+            raise ValueError("val_loss/val_ppl are minimised: use kind 'val_loss' instead of listing them as keys")
+        bad = [key for key in self.keys if "/" not in key]
+        if bad:
+            raise ValueError(f"keys must look like 'task/metric' (e.g. arc_challenge/acc_norm), got {bad}")
+        return self
+
+    def describe(self) -> str:
+        """A short human-readable name: 'held-out loss', 'arc_challenge/acc_norm', 'mean of a, b'."""
+        if self.kind == "val_loss":
+            return "held-out loss"
+        return self.keys[0] if self.kind == "metric" else f"mean of {', '.join(self.keys)}"
 
 
-class Objective:
-    """``objective(trial) -> float``: the study's objective value of one sampled configuration."""
+def direction(cfg: ObjectiveConfig) -> Literal["minimize", "maximize"]:
+    """Optuna's direction for ``cfg``: the held-out loss is minimised, task metrics maximised."""
+    return "minimize" if cfg.kind == "val_loss" else "maximize"
 
-    def __init__(self, space: SearchSpace, workspace: Workspace, study_dir: Path, direction: str,
-                 worker: Worker | None = None):
-        self.space = space
-        self.ws = workspace
-        self.study_dir = Path(study_dir)
-        self.direction = direction
-        self.worker = worker
 
-    def __call__(self, trial: optuna.Trial) -> float:
-        try:
-            return self._run(trial)
-        except KeyboardInterrupt:
-            # Optuna fails the trial; the mark keeps Ctrl-C from counting as a crash of this configuration
-            with contextlib.suppress(Exception):
-                trial.set_user_attr("interrupted", True)
-            raise
-
-    def _claim(self, trial: optuna.Trial):
-        """Draw the configuration and make it this trial's, under the worker's sampling lock."""
-        if self.worker is not None:
-            self.worker.mark(trial)
-        arm = self.space.suggest(trial)
-        for key, value in arm.to_dict().items():
-            trial.set_user_attr(key, value)
-        if self.worker is None:
-            return arm
-        holders = self.space.holders(trial.study, exclude=trial.number).get(arm)
-        self.worker.release()
-        if holders:
-            reason = f"duplicate of trial {holders[0]} (drawn by two workers at once); not run"
-            trial.set_user_attr("duplicate_of", holders[0])
-            trial.set_user_attr("fail_reason", reason)
-            raise TrialFailed(reason)
-        return arm
-
-    def _run(self, trial: optuna.Trial) -> float:
-        arm = self._claim(trial)
-        sign = 1.0 if self.direction == "minimize" else -1.0  # pruners read intermediate values in the
-        # study's direction, so a maximised objective gets minus the held-out loss
-
-        def on_eval(step: int, tokens: int, val_loss: float) -> bool:
-            trial.report(sign * val_loss, step)
-            return trial.should_prune()
-
-        failure = None
-        with atomic_dir(self.study_dir / "trials" / str(trial.number), overwrite=True) as folder:
-            resolved = self.ws.config.model_dump(mode="json")
-            atomic_write_text(folder / "config.yaml", yaml.safe_dump({"arm": arm.to_dict(), "study": resolved},
-                                                                     sort_keys=False))
-            atomic_write_json(folder / "env.json", environment(str(self.ws.device)))
-            try:
-                record = run_trial(self.ws, arm, folder, on_eval)
-            except (KeyboardInterrupt, SystemExit):
-                raise  # not the configuration's fault: the trial stays unrecorded and runs again
-            except Exception as exc:  # any failure of this configuration is recorded, the study goes on
-                failure = _one_line(exc)
-                record = {**arm.to_dict(), "status": "failed", "fail_reason": failure}
-            record["trial"] = trial.number
-            atomic_write_json(folder / "result.json", record)
-        for key in RECORDED:
-            if key in record:
-                trial.set_user_attr(key, record[key])
-        if failure is not None:
-            trial.set_user_attr("fail_reason", failure)
-            raise TrialFailed(failure)
-        if record["status"] == "stopped":
-            raise optuna.TrialPruned(record.get("reason", "pruned"))
-        return float(record["objective"])
+def objective_value(metrics: Mapping[str, float], cfg: ObjectiveConfig) -> float:
+    """The objective from a trial's metrics (``perplexity`` and ``evaluate`` results merged)."""
+    keys = ["val_loss"] if cfg.kind == "val_loss" else cfg.keys
+    for key in keys:
+        if key not in metrics:
+            available = ", ".join(sorted(metrics)) or "none"
+            raise UserError(f"objective key {key!r} is not in the evaluation results; available: {available}")
+    return float(sum(float(metrics[key]) for key in keys) / len(keys))

@@ -24,8 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ablate import base as bases
+from ablate.data import DataSource, load_packed
 from ablate.errors import UserError
 from ablate.fsutil import atomic_write_json
+from ablate.plan import layer_plan
 
 __all__ = ["angular_distances", "dus_layers", "study_redundancy", "CACHE_NAME"]
 
@@ -63,7 +66,9 @@ def angular_distances(model, rows, *, batch_size: int = 8) -> np.ndarray:
     counts once. Runs on the model's device in the model's dtype; the angles are taken in
     float64.
     """
-    import torch
+    import torch  # torch (and torchutil, which imports it) only here: reading a cached result needs neither
+
+    from ablate.torchutil import evaluating
 
     layers = _decoder_layers(model)
     ids_all = torch.from_numpy(np.array(rows, dtype=np.int64))  # a copy: cached rows are read-only memmaps
@@ -90,12 +95,9 @@ def angular_distances(model, rows, *, batch_size: int = 8) -> np.ndarray:
         for i, layer in enumerate(layers):
             handles.append(layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
             handles.append(layer.register_forward_hook(post_hook(i), with_kwargs=True))
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model):
             for start in range(0, ids_all.shape[0], batch_size):
                 model(input_ids=ids_all[start:start + batch_size].to(device), use_cache=False)
-        model.train(was_training)
     finally:
         for h in handles:
             h.remove()
@@ -104,20 +106,20 @@ def angular_distances(model, rows, *, batch_size: int = 8) -> np.ndarray:
 
 def dus_layers(n: int, m: int) -> tuple[list[int], list[int]]:
     """``(duplicated, dropped)`` base layers of DUS(n, m): used twice, and not at all."""
-    from ablate.plan import layer_plan
-
     uses = Counter(layer_plan(n, m))
     return [i for i in range(n) if uses[i] == 2], [i for i in range(n) if uses[i] == 0]
 
 
 def _default_loader(config: dict, device: str) -> Callable[[str], tuple[object, np.ndarray]]:
-    """``spec -> (model, held-out rows)`` as the study loads its bases, and the study's packed data."""
+    """``spec -> (model, held-out rows)`` as the study loads its bases, and the study's packed data.
+
+    Never with the model's own code, whatever the study recorded: opening a study folder someone
+    shared must not run code. A base that needs its own code is a one-line error here, which the
+    figures command turns into a note on the redundancy figure.
+    """
 
     def load(spec: str):
-        from ablate.data import DataSource, load_packed
-        from ablate.trial import load_base
-
-        model, tokenizer = load_base(spec, trust_remote_code=config.get("trust_remote_code", False))
+        model, tokenizer = bases.load(spec, trust_remote_code=False, progress=False)
         model = model.to(device)
         d = config["data"]
         data = load_packed(DataSource.model_validate(d["source"]), tokenizer, seq_len=d["seq_len"],

@@ -1,8 +1,11 @@
-"""Study results as a tidy table: one row per trial, read from the Optuna storage.
+"""Study results as a tidy table: one row per trial, read from the trial folders.
 
-``load`` is what notebooks and the figures command use; ``results.csv`` in the study
-folder is the same table, refreshed after every trial, so results travel without the
-database. Nothing here trains or builds a model.
+Each finished trial's ``trials/<number>/result.json`` is its one record (written by
+:class:`ablate.trial.Objective`); the table's numbers come from there. The Optuna storage, when
+it can be opened, adds each trial's state (running and queued trials included, with their
+configuration) and a pruned trial's last reported value. ``load`` is what notebooks and the
+figures command use; ``results.csv`` in the study folder is the same table, refreshed after
+every trial, so results travel without the database. Nothing here trains or builds a model.
 """
 
 from __future__ import annotations
@@ -13,34 +16,63 @@ from pathlib import Path
 from ablate.errors import UserError
 from ablate.fsutil import atomic_write_text
 
-__all__ = ["COLUMNS", "trial_rows", "load", "write_csv", "study_dir_info", "storage_url"]
+__all__ = ["COLUMNS", "STATES", "read_records", "trial_rows", "load", "write_csv", "study_dir_info", "storage_url",
+           "open_study"]
 
 # Fixed leading columns; task metrics ("synth_k1/acc", ...) follow in sorted order.
 COLUMNS = ["study", "trial", "state", "base", "method", "n", "m", "s", "repeat", "seed", "data_order_seed",
            "params_total", "params_active", "tokens", "flops", "val_loss", "val_ppl", "objective", "wall_s", "train_s",
            "eval_s", "device", "fail_reason"]
+# result.json's status -> the table's state (Optuna's COMPLETE, PRUNED, FAIL)
+STATES = {"completed": "complete", "stopped": "pruned", "failed": "fail"}
+ARM = ("base", "method", "m", "repeat")
 
 
-def trial_rows(study) -> list[dict]:
-    """One dict per trial of an ``optuna.Study`` (every state, the running ones included)."""
+def read_records(study_dir: str | Path) -> dict[int, dict]:
+    """trial number -> its ``result.json``, for every trial folder that has a readable one."""
+    out = {}
+    folder = Path(study_dir) / "trials"
+    for path in folder.glob("*/result.json") if folder.is_dir() else []:
+        if not path.parent.name.isdigit():
+            continue
+        try:
+            record = json.loads(path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            continue  # ablate.check reports it; the table leaves it out
+        if isinstance(record, dict):
+            out[int(path.parent.name)] = record
+    return dict(sorted(out.items()))
+
+
+def _row(name: str, number: int, state: str, record: dict, objective) -> dict:
+    metrics = record.get("metrics") or {}
+    row = {"study": name, "trial": number, "state": state, **{k: record.get(k) for k in COLUMNS[3:15]},
+           "val_loss": metrics.get("val_loss"), "val_ppl": metrics.get("val_ppl"), "objective": objective,
+           **{k: record.get(k) for k in COLUMNS[18:]}}
+    row.update({k: v for k, v in metrics.items() if k not in ("val_loss", "val_ppl")})
+    return row
+
+
+def trial_rows(study_dir: str | Path, study=None) -> list[dict]:
+    """One dict per trial: the folder records, with the states of ``study`` (an ``optuna.Study``) when given.
+
+    With the study, every trial of the storage has a row (running and queued ones with their
+    configuration only), and a folder counts only for a trial the storage has finished. Without
+    it, the rows are the folder records, their state read from the record.
+    """
+    records = read_records(study_dir)
+    if study is None:
+        name = study_dir_info(study_dir).get("name", Path(study_dir).name)
+        return [_row(name, n, STATES.get(r.get("status"), "fail"), r, r.get("objective")) for n, r in records.items()]
     rows = []
     for t in study.get_trials(deepcopy=False):
-        a = t.user_attrs
-        metrics = a.get("metrics", {})
-        row = {
-            "study": study.study_name, "trial": t.number, "state": t.state.name.lower(),
-            "base": a.get("base"), "method": a.get("method"), "n": a.get("n"), "m": a.get("m"),
-            "s": a.get("s"), "repeat": a.get("repeat"), "seed": a.get("seed"),
-            "data_order_seed": a.get("data_order_seed"),
-            "params_total": a.get("params_total"), "params_active": a.get("params_active"),
-            "tokens": a.get("tokens"), "flops": a.get("flops"),
-            "val_loss": metrics.get("val_loss"), "val_ppl": metrics.get("val_ppl"),
-            "objective": t.value if t.values is not None and len(t.values) == 1 else None,
-            "wall_s": a.get("wall_s"), "train_s": a.get("train_s"), "eval_s": a.get("eval_s"),
-            "device": a.get("device"), "fail_reason": a.get("fail_reason"),
-        }
-        row.update({k: v for k, v in metrics.items() if k not in ("val_loss", "val_ppl")})
-        rows.append(row)
+        state = t.state.name.lower()
+        finished = state in ("complete", "pruned") or (state == "fail" and "fail_reason" in t.user_attrs)
+        record = records.get(t.number, {}) if finished else {}
+        if not record:  # no folder (yet): the configuration and, for a failure, why
+            record = {k: t.user_attrs.get(k) for k in (*ARM, "fail_reason")}
+        value = t.value if t.values is not None and len(t.values) == 1 else None  # pruned: its last loss
+        rows.append(_row(study.study_name, t.number, state, record, value))
     return rows
 
 
@@ -54,9 +86,11 @@ def _frame(rows: list[dict]):
     return frame
 
 
-def write_csv(study, path: str | Path) -> None:
-    """Write the study's table to ``path`` atomically."""
-    atomic_write_text(path, _frame(trial_rows(study)).to_csv(index=False))
+def write_csv(study_dir: str | Path, study=None) -> Path:
+    """Write the study's table to ``study_dir/results.csv`` atomically; return its path."""
+    path = Path(study_dir) / "results.csv"
+    atomic_write_text(path, _frame(trial_rows(study_dir, study)).to_csv(index=False))
+    return path
 
 
 def study_dir_info(path: str | Path) -> dict:
@@ -64,7 +98,13 @@ def study_dir_info(path: str | Path) -> dict:
     info = Path(path) / "study.json"
     if not info.is_file():
         raise UserError(f"{path} is not a study folder (no study.json); pass <out>/<study name>")
-    return json.loads(info.read_text())
+    try:
+        record = json.loads(info.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{info} is not valid JSON; restore it from the study's copy") from None
+    if not isinstance(record, dict) or not isinstance(record.get("name"), str):
+        raise UserError(f"{info} is not a study record (no study name); restore it from the study's copy")
+    return record
 
 
 def storage_url(path: str | Path, info: dict, storage: str | None = None) -> str | None:
@@ -83,29 +123,38 @@ def storage_url(path: str | Path, info: dict, storage: str | None = None) -> str
     return url
 
 
-def load(path: str | Path, *, storage: str | None = None, study_name: str | None = None):
-    """A pandas DataFrame with one row per trial.
+def open_study(path: str | Path, info: dict | None = None, storage: str | None = None):
+    """The ``optuna.Study`` of a study folder, or None when its storage cannot be opened here."""
+    import optuna  # lazy: reading a copied study folder needs no database
 
-    ``path`` is a study folder (``runs/<study>``). The storage recorded there is read
-    (pass ``storage=`` for one whose URL held a password, which is never recorded); if it
-    cannot be opened, the folder's ``results.csv`` is read instead.
+    from ablate.storage import open_storage
+
+    info = study_dir_info(path) if info is None else info
+    url = storage_url(path, info, storage)
+    if url is None:
+        return None
+    try:
+        return optuna.load_study(study_name=info["name"], storage=open_storage(url))
+    except (KeyError, ValueError, OSError, UserError):
+        return None
+
+
+def load(path: str | Path, *, storage: str | None = None):
+    """A pandas DataFrame with one row per trial of the study folder ``path`` (``runs/<study>``).
+
+    The numbers come from the trial folders; the states from the storage recorded in
+    ``study.json`` (pass ``storage=`` for one whose URL held a password, which is never
+    recorded). Without a storage that opens, the folders alone give the finished trials; a folder
+    without trial folders (an older copy) falls back to its ``results.csv``.
     """
     import pandas as pd
 
     path = Path(path)
     info = study_dir_info(path)
-    url = storage_url(path, info, storage)
-    if url is not None:
-        import optuna
-
-        from ablate.storage import open_storage
-
-        try:
-            study = optuna.load_study(study_name=study_name or info["name"], storage=open_storage(url))
-            return _frame(trial_rows(study))
-        except (KeyError, ValueError, OSError, UserError):
-            pass
+    study = open_study(path, info, storage)
+    if study is not None or (path / "trials").is_dir():
+        return _frame(trial_rows(path, study))
     csv = path / "results.csv"
     if not csv.is_file():
-        raise UserError(f"{path}: the storage cannot be opened and there is no results.csv yet")
+        raise UserError(f"{path}: the storage cannot be opened and there are no trial folders nor results.csv")
     return pd.read_csv(csv)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import os
 import re
 import shutil
 import signal
@@ -27,75 +27,28 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
+from optuna.trial import TrialState
+
+from ablate.config import load_study_config
 from ablate.errors import UserError, cli
+from ablate.fsutil import atomic_dir, atomic_write_json
+from ablate.preflight import Plan, preflight
+from ablate.results import write_csv
+from ablate.search import SearchSpace, enqueue_controls, make_pruner, make_sampler, requeue_lost
+from ablate.storage import WORKER_ATTR, Worker, open_storage
+from ablate.summary import print_summary
+from ablate.synthetic import write_eval_tasks
+from ablate.trial import Objective, TrialFailed, Workspace
 
 __all__ = ["run_study", "main"]
 
 
-def _device(choice: str) -> str:
-    import torch
-
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if choice.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {choice}: CUDA is not available here; use --device cpu")
-    return choice
-
-
 def _counts(study) -> tuple[int, int, int]:
     """(finished, running, waiting) trials: finished means complete or pruned."""
-    from optuna.trial import TrialState
-
     states = [t.state for t in study.get_trials(deepcopy=False)]
     finished = sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states)
     return finished, states.count(TrialState.RUNNING), states.count(TrialState.WAITING)
-
-
-def _storage_for(study_dir: Path, storage: str | None, recorded: str | None) -> str:
-    """The storage URL of this run: the one given, else the one the study was started with."""
-    from ablate.storage import canonical_url, default_storage_url, redact
-
-    storage = canonical_url(storage) if storage is not None else None
-    default = default_storage_url(study_dir)
-    # the default SQLite file of a study folder that was moved or copied since: use the one here
-    moved = recorded is not None and recorded.startswith("sqlite:///") and \
-        recorded.endswith(f"/{study_dir.name}/study.db")
-    if storage is None:
-        if recorded and "***" in recorded:
-            raise UserError(f"study {study_dir.name!r} uses a storage with a password, which is never recorded; "
-                            "pass it again with --storage")
-        return default if recorded is None or moved else recorded
-    if recorded is not None and redact(storage) != recorded and not (moved and storage == default):
-        raise UserError(f"study {study_dir.name!r} in {study_dir.parent} was started with --storage {recorded}; "
-                        "continue it with that storage, or start a new study with --study NAME")
-    return storage
-
-
-def _prepare(config, out: Path, storage: str | None, device: str, trust_remote_code: bool, progress: bool):
-    """Validate everything a study needs before anything is written; return what it needs."""
-    from ablate.check import validate_study
-    from ablate.fsutil import check_writable
-    from ablate.evaluate import direction
-    from ablate.storage import check_storage_url, default_storage_url, open_storage, redact, storage_kind
-
-    device = _device(device)
-    study_dir = out / config.name
-    check_writable(study_dir)
-    info_path = study_dir / "study.json"
-    recorded = None
-    if info_path.is_file():
-        info = json.loads(info_path.read_text())
-        if info.get("config") != config.model_dump(mode="json"):
-            raise UserError(f"study {config.name!r} in {out} was run with another config; rerun it with the same "
-                            "config, or start a new study with --study NAME")
-        recorded = info.get("storage")
-    url = _storage_for(study_dir, storage, recorded)
-    if url != default_storage_url(study_dir):  # the default's folder is the study folder, made later
-        check_storage_url(url)
-    if storage_kind(url) in ("postgresql", "mysql"):
-        open_storage(url)  # an unreachable server fails now, before minutes of data building
-    depths = validate_study(config, trust_remote_code=trust_remote_code, progress=progress)
-    return depths, study_dir, url, redact(url), direction(config.eval.objective), device
 
 
 def _recover(study, space, worker, study_dir: Path) -> None:
@@ -103,10 +56,6 @@ def _recover(study, space, worker, study_dir: Path) -> None:
 
     Runs under the worker's sampling lock, so no other worker samples meanwhile.
     """
-    from optuna.trial import TrialState
-
-    from ablate.search import requeue_lost
-    from ablate.storage import WORKER_ATTR
 
     trials_dir = study_dir / "trials"
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -131,9 +80,7 @@ def _recover(study, space, worker, study_dir: Path) -> None:
 
 def _quiet_libraries() -> None:
     """No progress bars from transformers and datasets (weight loading, file reading)."""
-    import os
-
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # lazy: only --quiet needs it
 
     hf_logging.disable_progress_bar()
     if "datasets" in sys.modules:
@@ -155,56 +102,42 @@ def run_study(config, *, trials: int, out: str | Path = "runs", storage: str | N
     ``trust_remote_code: true`` is refused without it. Everything is validated before the
     study folder is created; a Ctrl-C (KeyboardInterrupt) leaves a study a rerun continues.
     """
-    from ablate.storage import Worker
-
     if trials < 1:
         raise UserError(f"--trials {trials}: a study needs at least one trial")
     out = Path(out).expanduser()
     if not progress:
         _quiet_libraries()
-    depths, study_dir, url, shown_url, direction, device = _prepare(config, out, storage, device,
-                                                                     trust_remote_code, progress)
-    study_dir.mkdir(parents=True, exist_ok=True)
-    worker = Worker(url, config.name, study_dir)
+    plan = preflight(config, out, storage=storage, device=device, trust_remote_code=trust_remote_code,
+                     progress=progress)
+    plan.study_dir.mkdir(parents=True, exist_ok=True)
+    worker = Worker(plan.url, config.name, plan.study_dir)
     try:
-        return _run(config, trials, depths, study_dir, url, shown_url, direction, device, progress, worker)
+        return _run(config, trials, plan, progress, worker)
     finally:
         worker.close()
 
 
-def _run(config, trials, depths, study_dir, url, shown_url, direction, device, progress, worker) -> dict:
-    import optuna
-
-    from ablate.fsutil import atomic_dir, atomic_write_json
-    from ablate.objective import Objective
-    from ablate.results import write_csv
-    from ablate.search import SearchSpace, enqueue_controls, make_pruner, make_sampler
-    from ablate.storage import open_storage
-    from ablate.summary import print_summary
-    from ablate.trial import TrialFailed, Workspace
-
-    space = SearchSpace(config, depths)
+def _run(config, trials: int, plan: Plan, progress: bool, worker) -> dict:
+    study_dir, direction = plan.study_dir, plan.direction
+    space = SearchSpace(config, plan.depths)
     # Optuna logs a failed trial with its traceback; we print one line per failure instead
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study = optuna.create_study(study_name=config.name, storage=open_storage(url), direction=direction,
+    study = optuna.create_study(study_name=config.name, storage=open_storage(plan.url), direction=direction,
                                 sampler=make_sampler(config, space), pruner=make_pruner(config),
                                 load_if_exists=True)
     if not (study_dir / "study.json").is_file():
-        atomic_write_json(study_dir / "study.json", {"name": config.name, "storage": shown_url,
+        atomic_write_json(study_dir / "study.json", {"name": config.name, "storage": plan.shown_url,
                                                      "direction": direction, "config": config.model_dump(mode="json"),
                                                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     tasks_dir = study_dir / "tasks"
     if config.eval.synthetic_tasks and not tasks_dir.is_dir():
-        from ablate.synthetic import write_eval_tasks
-
         try:
             with atomic_dir(tasks_dir) as tmp:
                 write_eval_tasks(tmp, final=tasks_dir)
         except FileExistsError:  # another worker wrote them first (the same files)
             pass
-    workspace = Workspace(config, device, tasks_dir if config.eval.synthetic_tasks else None, progress=progress)
+    workspace = Workspace(config, plan.device, tasks_dir if config.eval.synthetic_tasks else None, progress=progress)
     objective = Objective(space, workspace, study_dir, direction, worker=worker)
-    csv = study_dir / "results.csv"
     total = len(space.arms())
     with worker.sampling():
         enqueue_controls(study, space)
@@ -224,10 +157,10 @@ def _run(config, trials, depths, study_dir, url, shown_url, direction, device, p
                 if progress:
                     print(f"trial {done + running + 1}/{trials} of study {config.name!r}")
                 study.optimize(objective, n_trials=1, catch=(TrialFailed,),
-                               callbacks=[_report, lambda s, t: write_csv(s, csv)])
+                               callbacks=[_report, lambda s, t: write_csv(study_dir, s)])
     finally:
         with contextlib.suppress(Exception):  # also after Ctrl-C: the table shows the interrupted trial
-            write_csv(study, csv)
+            write_csv(study_dir, study)
     return print_summary(study, space, study_dir)
 
 
@@ -236,11 +169,9 @@ def _interrupt(signum, frame):
 
 
 @cli
-def main(argv: list[str] | None = None) -> int:
-    from ablate.config import load_study_config
-
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ablate.study",
+        prog=prog or "python -m ablate.study",
         description="Run a Depth Up-Scaling layer-count study with Optuna (continues where it stopped).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"

@@ -9,6 +9,11 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
+from ablate.results import trial_rows
+
 __all__ = ["summarize", "print_summary"]
 
 
@@ -49,13 +54,8 @@ def _fmt(x) -> str:
 
 def print_summary(study, space, study_dir: Path) -> dict:
     """Print the summary of an Optuna study and return :func:`summarize`'s dict."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from ablate.results import trial_rows
-
     direction = study.direction.name.lower()
-    summary = summarize(trial_rows(study), direction)
+    summary = summarize(trial_rows(study_dir, study), direction)
     for base, s in summary.items():  # n is recorded by a trial that got as far as loading its base
         if s["n"] is None:
             s["n"] = space.depths.get(base)

@@ -1,12 +1,27 @@
-"""One trial of a study: build the variant, continue pretraining it, evaluate it.
+"""One trial of a study: build the variant, continue pretraining it, evaluate it, record it.
 
 :class:`Workspace` holds what every trial of a worker shares (base models, packed data,
 the evaluation tasks), loaded once. :func:`run_trial` turns an :class:`~ablate.search.Arm`
-into a record of numbers; the Optuna bookkeeping lives in :mod:`ablate.objective`.
+into a record of numbers. :class:`Objective` is the Optuna side: it claims the configuration,
+runs the trial and writes its folder ``<study>/trials/<number>/`` atomically: the resolved
+config, ``env.json``, CPT's ``metrics.jsonl`` and ``result.json``.
+
+``result.json`` is the trial's one record (:mod:`ablate.results` reads the study's table from
+these files). Optuna keeps what its samplers, pruners and the study's bookkeeping need: the
+parameters, the value, the state, the intermediate losses, the configuration (base, method, m,
+repeat) and why a trial failed, stood down or was interrupted.
+
+With a :class:`~ablate.storage.Worker` (the study command always passes one) the trial is
+marked with the process that runs it, and once its configuration is in the storage the
+study's sampling lock is released. A trial whose configuration another trial already holds
+(possible only where workers cannot lock each other out) stands down before doing any work:
+it fails with ``duplicate_of`` set, which gives the configuration back to the study, so no
+configuration ever runs twice, at worst it is drawn again later.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import platform
@@ -15,49 +30,22 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ablate.config import StudyConfig
-from ablate.errors import UserError
+import optuna
+import yaml
 
-__all__ = ["TrialFailed", "Workspace", "run_trial", "repeat_train_config", "base_depth", "load_base", "environment"]
+from ablate import base as bases
+from ablate.config import StudyConfig
+from ablate.errors import one_line
+from ablate.fsutil import atomic_dir, atomic_write_json, atomic_write_text
+from ablate.objective import objective_value
+from ablate.search import SearchSpace
+from ablate.storage import Worker
+
+__all__ = ["TrialFailed", "Workspace", "Objective", "run_trial", "repeat_train_config", "environment"]
 
 
 class TrialFailed(Exception):
     """A trial that cannot give a result (non-finite loss, a broken variant); the study goes on."""
-
-
-def base_depth(spec: str, *, trust_remote_code: bool = False) -> int:
-    """Number of decoder layers of a base-model spec, without loading its weights."""
-    from ablate.checkpoint import is_local_checkpoint, read_config_dict
-
-    if is_local_checkpoint(spec):
-        raw = read_config_dict(spec)
-        n = raw.get("num_hidden_layers") or raw.get("text_config", {}).get("num_hidden_layers")
-        if not n:
-            raise UserError(f"{spec}: config.json has no num_hidden_layers; is it a decoder-only causal LM?")
-        return int(n)
-    from ablate import zoo
-
-    if spec in zoo.ZOO:
-        return zoo.ZOO[spec].num_layers
-    zoo.check_spec(spec)  # an unknown name that is no path nor hub id: one line listing the zoo
-    try:
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code).num_hidden_layers
-    except Exception as exc:  # offline, gated, unknown: all one answer for the user
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot read the config of base model {spec!r}: {first}") from None
-
-
-def load_base(spec: str, *, trust_remote_code: bool = False):
-    """``(model, tokenizer)`` of a base: a local checkpoint folder, a zoo name or a hub id."""
-    from ablate.checkpoint import is_local_checkpoint, load_causal_lm
-
-    if is_local_checkpoint(spec):
-        return load_causal_lm(spec, trust_remote_code=trust_remote_code)
-    from ablate import zoo
-
-    return zoo.load_base(spec, trust_remote_code=trust_remote_code)
 
 
 class Workspace:
@@ -74,11 +62,9 @@ class Workspace:
     def build_zoo(self) -> None:
         """Build the study's missing zoo bases now, side by side (one process each on a CPU),
         rather than one after another as their first trials need them."""
-        from ablate import zoo
-        from ablate.checkpoint import is_local_checkpoint
-        from ablate.zoobuild import build_many
+        from ablate.zoobuild import build_many  # spawns processes: only when there is a zoo base to build
 
-        names = [b.model for b in self.config.bases if b.model in zoo.ZOO and not is_local_checkpoint(b.model)]
+        names = [b.model for b in self.config.bases if bases.resolve(b.model).kind == "zoo"]
         if names:
             build_many(names, progress=self.progress)
 
@@ -86,7 +72,8 @@ class Workspace:
         """``(model, tokenizer)`` of a base, on the study's device, in eval mode."""
         if label not in self._bases:
             spec = next(b for b in self.config.bases if b.name == label).model
-            model, tokenizer = load_base(spec, trust_remote_code=self.config.trust_remote_code)
+            model, tokenizer = bases.load(spec, trust_remote_code=self.config.trust_remote_code,
+                                          progress=self.progress)
             self._bases[label] = (model.to(self.device).eval(), tokenizer)
         return self._bases[label]
 
@@ -145,7 +132,7 @@ def run_trial(ws: Workspace, arm, out_dir: Path, on_eval: Callable[[int, int, fl
     """
     import torch
 
-    from ablate.evaluate import evaluate, objective_value, perplexity
+    from ablate.evaluate import evaluate, perplexity
     from ablate.params import count_params
     from ablate.train import continue_pretraining
 
@@ -192,6 +179,76 @@ def run_trial(ws: Workspace, arm, out_dir: Path, on_eval: Callable[[int, int, fl
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return record
+
+
+class Objective:
+    """``objective(trial) -> float``: the study's objective value of one sampled configuration."""
+
+    def __init__(self, space: SearchSpace, workspace: Workspace, study_dir: Path, direction: str,
+                 worker: Worker | None = None):
+        self.space = space
+        self.ws = workspace
+        self.study_dir = Path(study_dir)
+        self.direction = direction
+        self.worker = worker
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        try:
+            return self._run(trial)
+        except KeyboardInterrupt:
+            # Optuna fails the trial; the mark keeps Ctrl-C from counting as a crash of this configuration
+            with contextlib.suppress(Exception):
+                trial.set_user_attr("interrupted", True)
+            raise
+
+    def _claim(self, trial: optuna.Trial):
+        """Draw the configuration and make it this trial's, under the worker's sampling lock."""
+        if self.worker is not None:
+            self.worker.mark(trial)
+        arm = self.space.suggest(trial)
+        for key, value in arm.to_dict().items():
+            trial.set_user_attr(key, value)
+        if self.worker is None:
+            return arm
+        holders = self.space.holders(trial.study, exclude=trial.number).get(arm)
+        self.worker.release()
+        if holders:
+            reason = f"duplicate of trial {holders[0]} (drawn by two workers at once); not run"
+            trial.set_user_attr("duplicate_of", holders[0])
+            trial.set_user_attr("fail_reason", reason)
+            raise TrialFailed(reason)
+        return arm
+
+    def _run(self, trial: optuna.Trial) -> float:
+        arm = self._claim(trial)
+        sign = 1.0 if self.direction == "minimize" else -1.0  # pruners read intermediate values in the
+        # study's direction, so a maximised objective gets minus the held-out loss
+
+        def on_eval(step: int, tokens: int, val_loss: float) -> bool:
+            trial.report(sign * val_loss, step)
+            return trial.should_prune()
+
+        failure = None
+        with atomic_dir(self.study_dir / "trials" / str(trial.number), overwrite=True) as folder:
+            resolved = self.ws.config.model_dump(mode="json")
+            atomic_write_text(folder / "config.yaml", yaml.safe_dump({"arm": arm.to_dict(), "study": resolved},
+                                                                     sort_keys=False))
+            atomic_write_json(folder / "env.json", environment(str(self.ws.device)))
+            try:
+                record = run_trial(self.ws, arm, folder, on_eval)
+            except (KeyboardInterrupt, SystemExit):
+                raise  # not the configuration's fault: the trial stays unrecorded and runs again
+            except Exception as exc:  # any failure of this configuration is recorded, the study goes on
+                failure = one_line(exc, with_type=True)
+                record = {**arm.to_dict(), "status": "failed", "fail_reason": failure}
+            record["trial"] = trial.number
+            atomic_write_json(folder / "result.json", record)
+        if failure is not None:
+            trial.set_user_attr("fail_reason", failure)
+            raise TrialFailed(failure)
+        if record["status"] == "stopped":
+            raise optuna.TrialPruned(record.get("reason", "pruned"))
+        return float(record["objective"])
 
 
 def environment(device: str) -> dict:

@@ -9,26 +9,14 @@ written with :func:`~ablate.fsutil.atomic_dir` so an interrupted build leaves no
 
 Builds are single-process training, so :func:`build_many` (and ``python -m ablate.zoo build``)
 runs the missing ones side by side in worker processes, one per model up to the CPU count (on a
-GPU one at a time, in this process). Measured on the 2-core development machine
-(fp32, one torch thread per build); sequential builds (another job running) and a parallel build
-of both on an idle machine gave bit-identical models. Accuracy is on 200 held-out items per
-level, chance 0.10:
+GPU one at a time, in this process). A build side by side gives the same bits as one alone.
 
-| model | params | tokens | alone | side by side | val loss | k=1 | k=2 | k=3 | k=4 |
-|---|---|---|---|---|---|---|---|---|---|
-| llama-4l | 272,832 | 2.10M | 145-154 s | 132 s | 1.420 | 1.00 | 0.475 | 0.105 | 0.09 |
-| mistral-6l | 355,008 | 2.62M | 218-261 s | 230 s | 1.416 | 0.975 | 0.5875 | 0.12 | 0.09 |
-
-Both side by side, ``python -m ablate.zoo build`` from an empty cache: 237 s wall (tiny-2l
-included, 2 s), against the sums above one after the other; 17.4k and 12.0k tokens/s.
-
-Why these sizes: 64 wide with 16-wide heads (2 heads of 32 learned the single step unreliably),
-lr 6e-3 (at 3e-3 four layers learned k = 1 ~50% later; 1e-3 left 8 layers at chance), and
-2,048-2,560 steps of 1,024 tokens: the 6-layer model crosses k = 1 at ~1,750 steps, so it gets
-more tokens. Short CPT of their DUS variants (lr 1e-3, the study's 64k tokens, one thread):
-DUS(mistral-6l, m=0), 12 layers, 11.4 s (6.3k tokens/s); DUS(llama-4l, m=0), 8 layers, 7.3-7.9
-s; lm-eval on 4 x 100 items 2.2 s. Losses after that CPT: 8 layers 1.401 vs the 4-layer base
-1.400 (256k tokens: 1.397 vs 1.396); lr 3e-4 was no better and 3e-3 worse at 6 and 12 layers.
+Why these sizes: 64 wide with 16-wide heads (two 32-wide heads learned the single step
+unreliably), lr 6e-3 (a smaller one made the deeper models learn k = 1 much later, or not at
+all), and 2,048-2,560 steps of 1,024 tokens: each model gets the steps it needs to learn k = 1
+and leave k >= 2 with headroom (the 6-layer model learns k = 1 later, so it gets more). The
+build times, throughputs, accuracies per level and the short CPT of their DUS variants: see
+studies/LOG.md, 2026-12-02 "Measurements formerly in module docstrings", part "Zoo build".
 
     python -m ablate.zoo list
     python -m ablate.zoo build [NAME ...] [--jobs N] [--threads T]
@@ -36,11 +24,9 @@ s; lm-eval on 4 x 100 items 2.2 s. Losses after that CPT: 8 layers 1.401 vs the 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -49,14 +35,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ablate.errors import UserError, cli
+from ablate.errors import UserError
 from ablate.fsutil import ablate_home, atomic_dir, atomic_write_json
 
-__all__ = ["ZooSpec", "ZOO", "zoo_dir", "is_built", "build", "load", "load_base",
-           "check_spec", "zoo_tokenizer", "model_config", "micro_spec"]
+__all__ = ["ZooSpec", "ZOO", "zoo_dir", "is_built", "build", "spec_of", "data_args", "zoo_tokenizer",
+           "model_config", "micro_spec"]
 
 ZOO_VERSION = 1  # bump when builds of unchanged specs would differ (e.g. the corpus changed)
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Closed vocabulary: ~100 words, 10 digits, a few letters and signs. At 512 the BPE merges run
 # out (every word and every " 7" / " A" is one token at ~460 entries), so a larger vocab adds only
 # unused embedding rows, and a smaller one splits words and lengthens every sequence.
@@ -138,7 +123,7 @@ def zoo_dir(name: str) -> Path:
 
 def is_built(name: str | ZooSpec) -> bool:
     """True when a complete build of this spec (and zoo version) is on disk."""
-    spec = name if isinstance(name, ZooSpec) else _spec(name)
+    spec = name if isinstance(name, ZooSpec) else spec_of(name)
     meta = zoo_dir(spec.name) / "zoo.json"
     if not meta.is_file():
         return False
@@ -194,7 +179,7 @@ def build(name: str | ZooSpec, *, force: bool = False, progress: bool = True,
 
     if threads < 1:
         raise UserError(f"threads={threads}: a build needs at least one CPU thread")
-    spec = name if isinstance(name, ZooSpec) else _spec(name)
+    spec = name if isinstance(name, ZooSpec) else spec_of(name)
     final = zoo_dir(spec.name)
     built = is_built(spec)
     if built and not force:
@@ -223,7 +208,7 @@ def _build(spec: ZooSpec, final: Path, progress: bool, on_step=None) -> Path:
 
     start = time.perf_counter()
     tokenizer = zoo_tokenizer()
-    data = load_packed("synthetic", tokenizer, progress=progress, **_data_args(spec))
+    data = load_packed("synthetic", tokenizer, progress=progress, **data_args(spec))
     torch.manual_seed(spec.seed)
     config = model_config(spec, len(tokenizer))
     config.eos_token_id = config.pad_token_id = tokenizer.eos_token_id
@@ -254,7 +239,7 @@ def _build(spec: ZooSpec, final: Path, progress: bool, on_step=None) -> Path:
     return final
 
 
-def _data_args(spec: ZooSpec) -> dict:
+def data_args(spec: ZooSpec) -> dict:
     """The load_packed arguments of a spec's pretraining data (its cache key, with the tokenizer)."""
     return dict(seq_len=spec.seq_len, train_tokens=spec.train_tokens, val_tokens=spec.val_tokens,
                 seed=spec.data_seed)
@@ -285,35 +270,8 @@ def _following(metrics: Path, on_step):
         thread.join()
 
 
-def load(name: str, *, device=None, dtype=None, progress: bool = True):
-    """``(model, tokenizer)`` of zoo model ``name``, building it first when needed."""
-    folder = build(name, progress=progress)
-    from ablate.checkpoint import load_causal_lm
-
-    return load_causal_lm(folder, device=device, dtype=dtype)
-
-
-def check_spec(spec: str) -> None:
-    """Raise :class:`UserError` when ``spec`` is no zoo name, no existing path and no hub id."""
-    if spec in ZOO or Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")):
-        return
-    if HUB_ID.match(spec):
-        return
-    raise UserError(f"unknown base model {spec!r}: not a zoo model ({', '.join(ZOO)}), "
-                    "a local checkpoint folder, or a hub id like org/name")
-
-
-def load_base(spec: str, *, device=None, dtype=None, trust_remote_code: bool = False):
-    """``(model, tokenizer)`` from a zoo name, a local HF checkpoint folder, or a hub id."""
-    check_spec(spec)
-    if spec in ZOO:
-        return load(spec, device=device, dtype=dtype)
-    from ablate.checkpoint import load_causal_lm
-
-    return load_causal_lm(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-
-
-def _spec(name: str) -> ZooSpec:
+def spec_of(name: str) -> ZooSpec:
+    """The spec of zoo model ``name``; an unknown name is a one-line error listing the zoo."""
     if name not in ZOO:
         raise UserError(f"unknown zoo model {name!r}; choose from {', '.join(ZOO)}")
     return ZOO[name]
@@ -330,44 +288,7 @@ def _count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _list() -> None:
-    for name, spec in ZOO.items():
-        meta = zoo_dir(name) / "zoo.json"
-        if is_built(name):
-            info = json.loads(meta.read_text())
-            acc = " ".join(f"{v:.2f}" for v in info["synth_acc"].values())
-            state = (f"built  {info['parameters']:>7,} params  val loss {info['final_val_loss']:.3f}  "
-                     f"acc k1.. {acc}  {zoo_dir(name)}")
-        else:
-            state = f"not built (python -m ablate.zoo build {name})"
-        print(f"{name:<12} {spec.family:<8} {spec.num_layers:>2} layers x {spec.hidden_size:<4} {state}")
+if __name__ == "__main__":  # python -m ablate.zoo: the command lives with build_many, which it calls
+    from ablate.zoobuild import main
 
-
-@cli
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ablate.zoo", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="each zoo model: built or not, parameters, folder, final val loss")
-    b = sub.add_parser("build", help="pretrain the named zoo models (default: all) that are not built")
-    b.add_argument("names", nargs="*", metavar="NAME", help=f"zoo names: {', '.join(ZOO)}")
-    b.add_argument("--force", action="store_true", help="rebuild even when built")
-    b.add_argument("--jobs", type=int, default=None, help="models built at once, each in its own process "
-                   "(default: one per missing model up to the CPU count; 1 with CUDA)")
-    b.add_argument("--threads", type=int, default=None, help="torch threads per build (default: the CPUs "
-                   "shared out among the jobs; give 1 when other processes share the cores)")
-    args = parser.parse_args(argv)
-    if args.command == "list":
-        _list()
-        return 0
-    from ablate.zoobuild import build_many
-
-    names = args.names or list(ZOO)
-    missing = [n for n in names if args.force or not is_built(_spec(n))]
-    for name, folder in build_many(names, jobs=args.jobs, threads=args.threads, force=args.force).items():
-        if name not in missing:
-            print(f"{name}: already built in {folder}")
-    return 0
-
-
-if __name__ == "__main__":
     main()

@@ -3,9 +3,10 @@
 A zoo build is one single-process training run, so on a CPU machine :func:`build_many` runs the
 missing ones at once, one worker per model up to the CPU count, each with its share of the torch
 threads (on a GPU one at a time, in this process). A worker builds exactly what
-:func:`ablate.zoo.build` builds in-process with the same thread count. Measured on the 2-core
-development machine: both default zoo models from an empty cache in 237 s, against 390 s one
-after the other (see the table in :mod:`ablate.zoo`).
+:func:`ablate.zoo.build` builds in-process with the same thread count. The point is wall time:
+on two cores the default zoo builds side by side in about the time of its slowest model alone,
+well under the sum one after the other (see studies/LOG.md, 2026-12-02 "Measurements formerly in
+module docstrings", part "Zoo build side by side").
 
 Written by hand around ``concurrent.futures``: the pool gives processes and futures, but no
 shared progress bar, no stopping of running workers on Ctrl-C (``terminate_workers`` arrives in
@@ -14,6 +15,7 @@ Python 3.14) and no cleanup of their unfinished folders; those are the parts bel
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -24,11 +26,11 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from ablate.errors import UserError
+from ablate.errors import UserError, cli
 from ablate.fsutil import ablate_home
-from ablate.zoo import POLL_S, ZooSpec, _data_args, _spec, build, is_built, zoo_dir, zoo_tokenizer
+from ablate.zoo import POLL_S, ZOO, ZooSpec, build, data_args, is_built, spec_of, zoo_dir, zoo_tokenizer
 
-__all__ = ["build_many"]
+__all__ = ["build_many", "main"]
 
 
 def build_many(names: Iterable[str | ZooSpec], *, jobs: int | None = None, progress: bool = True,
@@ -102,7 +104,7 @@ def _resolve(names: Iterable[str | ZooSpec]) -> list[ZooSpec]:
     """Specs of ``names``, all checked before the first (minutes-long) build starts."""
     specs: dict[str, ZooSpec] = {}
     for spec in [names] if isinstance(names, (str, ZooSpec)) else names:
-        spec = spec if isinstance(spec, ZooSpec) else _spec(spec)
+        spec = spec if isinstance(spec, ZooSpec) else spec_of(spec)
         if specs.setdefault(spec.name, spec) != spec:
             raise UserError(f"two different specs are named {spec.name!r}; give each its own name")
     return list(specs.values())
@@ -127,7 +129,7 @@ def _prepack(specs: list[ZooSpec], progress: bool) -> None:
     """Pack here the data that several of ``specs`` share, so no two workers write one cache."""
     from ablate.data import load_packed
 
-    counts = Counter(tuple(sorted(_data_args(s).items())) for s in specs)
+    counts = Counter(tuple(sorted(data_args(s).items())) for s in specs)
     shared = [dict(key) for key, n in counts.items() if n > 1]
     if shared:
         tokenizer = zoo_tokenizer()
@@ -259,3 +261,45 @@ def _worker(index: int, spec: ZooSpec, threads: int, force: bool) -> None:
         build(spec, force=force, progress=False, threads=threads, on_step=report)
     finally:
         _BUILDING = False
+
+
+def _list() -> None:
+    for name, spec in ZOO.items():
+        meta = zoo_dir(name) / "zoo.json"
+        if is_built(name):
+            info = json.loads(meta.read_text())
+            acc = " ".join(f"{v:.2f}" for v in info["synth_acc"].values())
+            state = (f"built  {info['parameters']:>7,} params  val loss {info['final_val_loss']:.3f}  "
+                     f"acc k1.. {acc}  {zoo_dir(name)}")
+        else:
+            state = f"not built (python -m ablate.zoo build {name})"
+        print(f"{name:<12} {spec.family:<8} {spec.num_layers:>2} layers x {spec.hidden_size:<4} {state}")
+
+
+@cli
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog or "python -m ablate.zoo",
+                                     description="The built-in base models: list them, or build the missing ones.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="each zoo model: built or not, parameters, folder, final val loss")
+    b = sub.add_parser("build", help="pretrain the named zoo models (default: all) that are not built")
+    b.add_argument("names", nargs="*", metavar="NAME", help=f"zoo names: {', '.join(ZOO)}")
+    b.add_argument("--force", action="store_true", help="rebuild even when built")
+    b.add_argument("--jobs", type=int, default=None, help="models built at once, each in its own process "
+                   "(default: one per missing model up to the CPU count; 1 with CUDA)")
+    b.add_argument("--threads", type=int, default=None, help="torch threads per build (default: the CPUs "
+                   "shared out among the jobs; give 1 when other processes share the cores)")
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        _list()
+        return 0
+    names = args.names or list(ZOO)
+    missing = [n for n in names if args.force or not is_built(spec_of(n))]
+    for name, folder in build_many(names, jobs=args.jobs, threads=args.threads, force=args.force).items():
+        if name not in missing:
+            print(f"{name}: already built in {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -25,15 +25,8 @@ from conftest import tiny_model
 from pydantic import ValidationError
 
 from ablate.errors import UserError
-from ablate.evaluate import (
-    ObjectiveConfig,
-    direction,
-    evaluate,
-    flatten_results,
-    objective_value,
-    perplexity,
-    subset_indices,
-)
+from ablate.evaluate import evaluate, flatten_results, perplexity, subset_indices
+from ablate.objective import ObjectiveConfig, direction, objective_value
 
 N_DOCS = 40
 TASKS = ("toy_sum", "toy_word")

@@ -79,7 +79,10 @@ def _trial(study, number: int, base: str, method: str, m, repeat: int, state: Tr
     if state == TrialState.FAIL:
         attrs = {k: attrs[k] for k in ("base", "method", "m", "repeat")} | {"fail_reason": "diverged"}
     steps = 5 if state == TrialState.PRUNED else 10
-    trial = create_trial(state=state, value=value, params=params, distributions=dists, user_attrs=attrs,
+    status = {TrialState.COMPLETE: "completed", TrialState.PRUNED: "stopped", TrialState.FAIL: "failed"}.get(state)
+    record = {**attrs, "trial": number, "status": status, "objective": value}
+    arm_attrs = {k: attrs[k] for k in ("base", "method", "m", "repeat", "fail_reason") if k in attrs}
+    trial = create_trial(state=state, value=value, params=params, distributions=dists, user_attrs=arm_attrs,
                          intermediate_values={s: -metrics["val_loss"] for s in (5, 10) if s <= steps})
     trial.datetime_start = START + datetime.timedelta(minutes=2 * number)  # a trial every 2 minutes, 90 s each
     if state != TrialState.RUNNING:
@@ -88,11 +91,11 @@ def _trial(study, number: int, base: str, method: str, m, repeat: int, state: Tr
     start = 2.0 + (0 if m == n / 2 else 3.0 + (m or 0))  # a fresh variant first loses, then recovers
     return {"curve": [{"step": k, "tokens": 410 * k, "train_loss": 3.0, "lr": 1e-3,
                        **({"val_loss": metrics["val_loss"] + (start - 2.0) * math.exp(-k / 2)} if k % 5 == 0
-                          else {})} for k in range(steps + 1)], "number": number}
+                          else {})} for k in range(steps + 1)], "number": number, "record": record}
 
 
 def make_study(root, *, partial: bool = False, empty: bool = False, name: str = "fake"):
-    """A study folder like ablate.study writes: study.json, study.db, results.csv, trials/*/metrics.jsonl."""
+    """A study folder like ablate.study writes: study.json, study.db, results.csv, trials/N/ (metrics, result)."""
     study_dir = root / name
     study_dir.mkdir(parents=True)
     url = f"sqlite:///{study_dir / 'study.db'}"
@@ -117,7 +120,8 @@ def make_study(root, *, partial: bool = False, empty: bool = False, name: str = 
         folder = study_dir / "trials" / str(run["number"])
         folder.mkdir(parents=True)
         (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in run["curve"]))
-    write_csv(study, study_dir / "results.csv")
+        (folder / "result.json").write_text(json.dumps(run["record"]))  # the trial's one record
+    write_csv(study_dir, study)
     return study_dir
 
 
@@ -157,7 +161,7 @@ def test_cli_writes_every_figure_and_table_identically_twice(full_study, tmp_pat
 
 
 def test_partial_study_from_results_csv_still_writes_every_file(tmp_path):
-    """One complete trial and one running; the storage URL redacted, so results.csv is read instead."""
+    """One complete trial and one running; the storage URL redacted, so the trial folders alone are read."""
     study_dir = make_study(tmp_path / "runs", partial=True)
     info = json.loads((study_dir / "study.json").read_text())
     info["storage"] = "postgresql://user:***@db.invalid/ablate"

@@ -86,7 +86,7 @@ def test_study_redundancy_caches_per_base(tmp_path):
 
 
 def test_study_redundancy_loads_a_local_checkpoint_and_the_study_data(tmp_path, tiny_tokenizer, monkeypatch):
-    """The default path: ablate.zoo.load_base on a checkpoint folder, ablate.data.load_packed on a text file."""
+    """The default path: ablate.base.load on a checkpoint folder, ablate.data.load_packed on a text file."""
     from ablate.config import parse_config
 
     monkeypatch.setenv("ABLATE_HOME", str(tmp_path / "home"))  # the packed-data cache stays in the test

@@ -29,13 +29,14 @@ from _studykit import (
 )
 from optuna.trial import TrialState
 
-from ablate.check import check_study, validate_study
+from ablate.check import check_study
 from ablate.config import parse_config
 from ablate.errors import UserError
-from ablate.objective import Objective
+from ablate.preflight import validate_study
 from ablate.search import MAX_KILLS, Arm, SearchSpace, requeue_lost
 from ablate.storage import WORKER_ATTR, Worker, default_storage_url, open_storage, redact
 from ablate.study import run_study
+from ablate.trial import Objective
 
 ARM_KEYS = ("base", "method", "m", "repeat")
 

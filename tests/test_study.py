@@ -10,10 +10,9 @@ from optuna.trial import FixedTrial
 
 from ablate.check import check_study
 from ablate.config import parse_config
-from ablate.objective import Objective
 from ablate.search import Arm, SearchSpace
 from ablate.study import run_study
-from ablate.trial import Workspace
+from ablate.trial import Objective, Workspace
 
 CONTROLS = [("tiny", "dus", 2, 0), ("tiny", "moe", None, 0), ("tiny", "dus", 1, 0)]  # m=n/2, MoE, m=n/4
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from ablate import zoo, zoobuild
+from ablate import base, zoo, zoobuild
 from ablate.errors import UserError
 
 
@@ -59,7 +59,7 @@ def test_registry_specs_make_models(tokenizer):
 
 def test_micro_build_is_a_checkpoint_and_is_reused(home, monkeypatch):
     import ablate.train
-    from ablate.checkpoint import load_causal_lm
+    from ablate.base import load_causal_lm
 
     spec = zoo.micro_spec()
     folder = zoo.build(spec, progress=False)
@@ -77,7 +77,7 @@ def test_micro_build_is_a_checkpoint_and_is_reused(home, monkeypatch):
 
     monkeypatch.setattr(ablate.train, "continue_pretraining", no_training)
     monkeypatch.setitem(zoo.ZOO, "micro", spec)
-    model2, _ = zoo.load_base("micro")  # built already: loads, never trains
+    model2, _ = base.load("micro")  # built already: loads, never trains
     assert all((a == b).all() for a, b in zip(model.parameters(), model2.parameters(), strict=True))
 
 
@@ -96,7 +96,7 @@ def test_interrupted_build_leaves_nothing_built(home, monkeypatch):
     assert [p.name for p in (home / "zoo").iterdir()] == []  # no partial folder either
     monkeypatch.setattr(ablate.train, "continue_pretraining", real)
     monkeypatch.setitem(zoo.ZOO, "micro", zoo.micro_spec())
-    model, tok = zoo.load_base("micro")  # not built: the first use builds it, starting clean
+    model, tok = base.load("micro")  # not built: the first use builds it, starting clean
     assert zoo.is_built(zoo.micro_spec()) and model.config.num_hidden_layers == 2
 
 
@@ -104,23 +104,23 @@ def test_spec_resolution(tmp_path, tiny_tokenizer):
     from conftest import tiny_model
 
     with pytest.raises(UserError, match="llama-4l, mistral-6l"):  # the message lists the zoo
-        zoo.check_spec("no-such-model")
-    zoo.check_spec("HuggingFaceTB/SmolLM2-135M")  # looks like a hub id: left to the hub loader
+        base.resolve("no-such-model")
+    base.resolve("HuggingFaceTB/SmolLM2-135M")  # looks like a hub id: left to the hub loader
     folder = tmp_path / "ckpt"
     tiny_model("llama", 2, vocab_size=len(tiny_tokenizer)).save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
-    model, tok = zoo.load_base(str(folder))
+    model, tok = base.load(str(folder))
     assert model.config.num_hidden_layers == 2 and len(tok) == len(tiny_tokenizer)
 
 
 def test_cli(capsys):
     with pytest.raises(SystemExit) as exit_:
-        zoo.main(["list"])
+        zoobuild.main(["list"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert all(name in out for name in zoo.ZOO) and "not built" in out
     with pytest.raises(SystemExit) as exit_:
-        zoo.main(["build", "no-such-model"])
+        zoobuild.main(["build", "no-such-model"])
     assert exit_.value.code == 2
     assert "unknown zoo model 'no-such-model'" in capsys.readouterr().err
 
@@ -177,7 +177,7 @@ def test_failing_worker_raises_and_leaves_nothing(home, monkeypatch, capsys):
     monkeypatch.setitem(zoo.ZOO, "good", good)  # the parent sends specs, so workers need no registry
     monkeypatch.setitem(zoo.ZOO, "bad", bad)
     with pytest.raises(SystemExit) as exit_:
-        zoo.main(["build", "good", "bad", "--jobs", "2", "--threads", "1"])
+        zoobuild.main(["build", "good", "bad", "--jobs", "2", "--threads", "1"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.splitlines()
     assert err[-1].startswith("error: tokens_per_step=500 is not a multiple")  # the UserError, one line
