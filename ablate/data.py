@@ -27,6 +27,7 @@ The cache, ``ablate_home()/data/<key>/{train.npy,val.npy,meta.json}``, is writte
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import itertools
 import json
@@ -40,8 +41,10 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ablate.errors import UserError, one_line
+from ablate import synthetic
+from ablate.errors import UserError, first_line, one_line
 from ablate.fsutil import ablate_home, atomic_dir, atomic_write_json
+from ablate.synthetic import iter_documents
 
 __all__ = ["PackedData", "DataSource", "parse_source", "load_packed", "tokenizer_fingerprint"]
 
@@ -77,7 +80,7 @@ class PackedData:
 # Fields that mean something for each kind; others must stay at their defaults.
 _FIELDS = {
     "synthetic": set(),
-    "files": {"path", "val_path", "text_field", "txt_unit", "val_fraction"},
+    "files": {"path", "val_path", "text_field", "txt_unit", "val_fraction", "encoding", "encoding_errors"},
     "hub": {"name", "config", "revision", "split", "val_split", "text_field", "val_fraction"},
 }
 
@@ -104,6 +107,11 @@ class DataSource(BaseModel):
     txt_unit: Literal["paragraph", "line", "document"] = Field(
         "paragraph", description=".txt files: one document per blank-line-separated paragraph, "
         "per line, or per file.")
+    encoding: str = Field("utf-8", description="kind=files, .txt/.json/.jsonl: the text encoding (e.g. "
+                          "cp1252, utf-16, latin-1).")
+    encoding_errors: Literal["strict", "replace", "ignore"] = Field(
+        "strict", description="kind=files: bytes that are not valid in the encoding: strict (an error naming "
+        "the file and byte offset), replace (with U+FFFD) or ignore (dropped).")
     # 5%: held-out budgets are a few % of the train budget, so little extra text is read. The
     # choice is per document, so the held-out rows do not change with train_tokens.
     val_fraction: float = Field(0.05, gt=0, lt=1, description="Share of documents held out for "
@@ -116,6 +124,11 @@ class DataSource(BaseModel):
                  and getattr(self, k) != type(self).model_fields[k].default]
         if stray:
             raise ValueError(f"{', '.join(stray)}: not used by kind={self.kind}; remove")
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ValueError(f"encoding {self.encoding!r} is not a known text encoding; use e.g. utf-8, "
+                             "cp1252 or utf-16") from None
         if self.kind == "files" and not self.path:
             raise ValueError("kind=files needs path (a file or folder of text)")
         if self.kind == "hub" and not self.name:
@@ -246,14 +259,15 @@ def _check_budget(seq_len: int, train_tokens: int, val_tokens: int) -> tuple[int
 def _source_fingerprint(src: DataSource) -> dict[str, Any]:
     """The source's settings plus what its content hangs on (file stats, the generator's code)."""
     out: dict[str, Any] = src.model_dump()
+    for field in ("encoding", "encoding_errors"):  # absent at their defaults: older caches still hit
+        if out[field] == type(src).model_fields[field].default:
+            del out[field]
     if src.kind == "files":
         for field in ("path", "val_path"):
             if getattr(src, field):
                 out[field + "_files"] = [(str(f), f.stat().st_size, f.stat().st_mtime_ns)
                                          for f in _resolve_files(getattr(src, field), field)]
     if src.kind == "synthetic":
-        from ablate import synthetic  # lazy: the corpus generator is only needed for this source
-
         out["generator_sha256"] = hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest()
     return out
 
@@ -289,10 +303,63 @@ def _local_texts(src: DataSource, path: str, field: str) -> Iterator[str]:
     files = _resolve_files(path, field)
     builder = BUILDERS[files[0].suffix.lower()]
     kwargs = {"sample_by": src.txt_unit} if builder == "text" else {}
+    if builder != "parquet":
+        kwargs.update(encoding=src.encoding, encoding_errors=src.encoding_errors)
     ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
                                streaming=True, **kwargs)
-    texts = _column(ds, "text" if builder == "text" else src.text_field, path)
+    texts = _readable(_column(ds, "text" if builder == "text" else src.text_field, path), src, files, builder)
     return (t.strip("\n") for t in texts) if builder == "text" else texts
+
+
+def _readable(texts: Iterator[str], src: DataSource, files: list[Path], builder: str) -> Iterator[str]:
+    """``texts``, with a decoding or parsing failure of the reader as one line naming the file and where."""
+    try:
+        yield from texts
+    except UserError:
+        raise
+    except UnicodeError:
+        raise UserError(_bad_bytes(files, src.encoding) or f"{files[0].parent}: not valid {src.encoding} text; set "
+                        "the data source's encoding, or encoding_errors: replace") from None
+    except Exception as exc:  # noqa: BLE001 - the datasets/pyarrow readers raise many kinds
+        where = _bad_json_line(files) if builder == "json" else None
+        raise UserError(where or f"cannot read {files[0] if len(files) == 1 else files[0].parent}: "
+                        f"{one_line(exc, 200)}; fix the file or use another data path") from None
+
+
+def _bad_bytes(files: list[Path], encoding: str) -> str | None:
+    """The first file and byte offset not valid in ``encoding``, as a message (read only on failure)."""
+    for f in files:
+        decoder, offset = codecs.getincrementaldecoder(encoding)("strict"), 0
+        with open(f, "rb") as stream:
+            while chunk := stream.read(1 << 20):
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as exc:
+                    at = offset + exc.start
+                    return (f"{f}: byte {at:,} (0x{chunk[exc.start]:02x}) is not valid {encoding}; set the data "
+                            "source's encoding (e.g. cp1252, utf-16) or encoding_errors: replace")
+                offset += len(chunk)
+            try:
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                return (f"{f}: ends inside a {encoding} character; set the data source's encoding or "
+                        "encoding_errors: replace")
+    return None
+
+
+def _bad_json_line(files: list[Path]) -> str | None:
+    """The first .jsonl line that is not a JSON value, as a message."""
+    for f in files:
+        if f.suffix.lower() != ".jsonl":
+            continue
+        with open(f, "rb") as stream:
+            for number, line in enumerate(stream, start=1):
+                if line.strip():
+                    try:
+                        json.loads(line)
+                    except ValueError as exc:
+                        return f"{f}: line {number:,} is not valid JSON ({first_line(exc)}); fix or remove that line"
+    return None
 
 
 def _hub_offline() -> bool:
@@ -339,8 +406,6 @@ def _column(ds, field: str, where: str) -> Iterator[str]:
 def _streams(src: DataSource, seed: int) -> tuple[Iterable[str], Iterable[str] | None]:
     """(train documents, val documents); val is None when it is held out of the train stream."""
     if src.kind == "synthetic":
-        from ablate.synthetic import iter_documents  # lazy: only this source needs the generator
-
         return iter_documents("train", seed=seed), iter_documents("val", seed=seed)
     if src.kind == "files":
         train = _local_texts(src, src.path, "path")

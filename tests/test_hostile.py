@@ -446,3 +446,68 @@ def test_an_empty_hub_source_names_the_problem(source):
     with pytest.raises(UserError, match="names no dataset"):
         _default_with(f"data.source={source}")
     assert _default_with("data.source=hf: org/name").data.source.name == "org/name"
+
+
+# -- item 12: text that is not UTF-8, malformed records -------------------------------------------
+
+_TEXT = "".join(f"document {i}: " + "the cat sat on the mat and ran under one big red tree " * 8 + "\n\n"
+                for i in range(120))
+
+
+def _pack(source, tokenizer, tmp_path):
+    from ablate.data import load_packed
+
+    return load_packed(source, tokenizer, seq_len=16, train_tokens=16 * 40, val_tokens=16 * 2,
+                       cache_dir=tmp_path / "cache", progress=False)
+
+
+@pytest.mark.parametrize("name, content, offset", [
+    ("stray-cp1252.txt", _TEXT.encode()[:5000] + b"caf\xe9 " + _TEXT.encode()[5000:], 5003),  # GCIDE's case
+    ("utf16.txt", _TEXT.encode("utf-16"), 0),
+    ("truncated.txt", _TEXT.encode() + "é".encode()[:1], len(_TEXT.encode())),
+    ("bad.jsonl", b'{"text": "caf\xe9 au lait"}\n' * 3, 13),
+], ids=["stray-cp1252", "utf-16", "truncated", "jsonl"])
+def test_text_that_is_not_utf8_names_the_file_and_byte(tmp_path, tiny_tokenizer, name, content, offset):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(UserError) as info:
+        _pack(str(path), tiny_tokenizer, tmp_path)
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message and "encoding" in message, message
+    if "ends inside" not in message:
+        assert f"byte {offset:,}" in message, message
+    assert not (tmp_path / "cache").exists() or not any(p for p in (tmp_path / "cache").iterdir())
+
+
+@pytest.mark.parametrize("encoding, errors, content", [
+    ("cp1252", "strict", _TEXT.replace("cat", "café").encode("cp1252")),
+    ("utf-16", "strict", _TEXT.encode("utf-16")),
+    ("utf-8", "replace", _TEXT.encode()[:5000] + b"\xe9\xff" + _TEXT.encode()[5000:]),
+    ("utf-8", "ignore", _TEXT.encode()[:5000] + b"\xe9\xff" + _TEXT.encode()[5000:]),
+], ids=["cp1252", "utf-16", "replace", "ignore"])
+def test_the_data_source_names_its_encoding_or_how_to_treat_bad_bytes(tmp_path, tiny_tokenizer, encoding, errors,
+                                                                       content):
+    from ablate.data import DataSource
+
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(content)
+    src = DataSource(kind="files", path=str(path), encoding=encoding, encoding_errors=errors)
+    assert _pack(src, tiny_tokenizer, tmp_path).train.shape == (40, 16)
+
+
+def test_an_unknown_encoding_is_a_config_error():
+    from pydantic import ValidationError
+
+    from ablate.data import DataSource
+
+    with pytest.raises(ValidationError, match="not a known text encoding"):
+        DataSource(kind="files", path="x.txt", encoding="klingon-8")
+
+
+def test_a_malformed_jsonl_line_is_named(tmp_path, tiny_tokenizer):
+    path = tmp_path / "corpus.jsonl"
+    good = json.dumps({"text": _TEXT[:400]}) + "\n"
+    path.write_text(good * 60 + '{"text": broken\n' + good * 60)
+    with pytest.raises(UserError, match=r"corpus.jsonl: line 61 is not valid JSON") as info:
+        _pack(str(path), tiny_tokenizer, tmp_path)
+    assert "\n" not in str(info.value)
