@@ -34,6 +34,7 @@ from typing import Literal
 import numpy as np
 
 from ablate.errors import UserError
+from ablate.torchutil import evaluating
 
 __all__ = [
     "Precision",
@@ -96,8 +97,6 @@ def perplexity(model, rows: np.ndarray, *, batch_size: int = 8, precision: Preci
     """
     import torch  # torch only here and in evaluate(): `import ablate.evaluate` stays cheap
     import torch.nn.functional as F
-
-    from ablate.torchutil import evaluating  # imports torch
 
     rows = np.asarray(rows)
     if rows.ndim != 2 or rows.shape[0] < 1 or rows.shape[1] < 2:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ablate import base as bases
 from ablate.errors import UserError, first_line
 from ablate.fsutil import atomic_dir, atomic_write_json, check_writable
+from ablate.plan import mergekit_slices
 
 __all__ = [
     "Source", "TensorRef", "TensorBytes", "resolve_source", "load_config", "renamed_tensors",
@@ -303,8 +304,6 @@ def write_checkpoint(source: Source, out: str | os.PathLike, config, tensors: di
 def mergekit_passthrough_yaml(src: str, n: int, m: int, config) -> str:
     """mergekit ``passthrough`` recipe for DUS(src, m): ``mergekit-yaml mergekit.yaml OUT``."""
     import yaml
-
-    from ablate.plan import mergekit_slices
 
     doc = {
         "slices": [{"sources": [{"model": src, "layer_range": [a, b]}]} for a, b in mergekit_slices(n, m)],

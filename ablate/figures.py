@@ -21,9 +21,10 @@ from pathlib import Path
 
 from ablate import plots, studyplots
 from ablate.errors import UserError, cli
-from ablate.fsutil import atomic_write_text
+from ablate.fsutil import atomic_write_text, check_writable
 from ablate.objective import ObjectiveConfig
 from ablate.plots import arm_stats, best_m, human_count
+from ablate.preflight import resolve_device
 from ablate.redundancy import study_redundancy
 from ablate.results import load, open_study, study_dir_info
 
@@ -212,15 +213,12 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rows < 1:
         raise UserError(f"--rows {args.rows}: use at least one held-out row, e.g. --rows 32")
-    import matplotlib
+    import matplotlib  # lazy: the backend must be chosen before pyplot is first imported
 
     matplotlib.use("Agg")  # files only; no display needed
     study_dir = resolve_study_dir(args.study, args.runs)
-    device = args.device
-    if device == "auto" and not args.no_redundancy:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_writable(Path(args.out))  # --out naming a file, or a folder that cannot be written: one line now
+    device = resolve_device(args.device) if not args.no_redundancy else "cpu"
     paths = make_figures(study_dir, args.out, storage=args.storage, redundancy=not args.no_redundancy,
                          device=device, rows=args.rows)
     print(f"wrote {len(paths)} files to {args.out}")

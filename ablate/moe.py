@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 
+from ablate import export
 from ablate.base import MOE_FAMILIES
 from ablate.errors import UserError, cli
 from ablate.exportcli import export_parser, run_export
@@ -160,8 +161,6 @@ def export_upcycled(src: str, num_experts: int, top_k: int, out: str, *, seed: i
     """Write upcycle(src) as a complete HF checkpoint in ``out`` by streaming tensors."""
     import torch
     import yaml
-
-    from ablate import export
 
     _check_experts(num_experts, top_k)
     source = export.resolve_source(src)

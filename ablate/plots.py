@@ -16,6 +16,8 @@ import textwrap
 
 import numpy as np
 
+from ablate.redundancy import dus_layers
+
 __all__ = ["arm_stats", "best_m", "human_count", "task_metrics", "score_vs_m", "score_vs_params", "loss_curves",
            "tasks_vs_m", "redundancy", "message_figure",
            "save", "style"]
@@ -420,8 +422,6 @@ def tasks_vs_m(df, *, bases: list[str] | None = None):
 def redundancy(distances: dict[str, list[float]], best: dict[str, int | None] | None = None):
     """Angular distance of each layer per base; layers DUS at the best m uses twice (filled) or drops (x)."""
     from matplotlib.ticker import MaxNLocator
-
-    from ablate.redundancy import dus_layers
 
     if not distances:
         return message_figure("layer redundancy", "no base model measured")

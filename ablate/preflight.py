@@ -19,10 +19,12 @@ from pathlib import Path
 
 from ablate import base as bases
 from ablate.config import StudyConfig
+from ablate.data import load_packed, tokenizer_fingerprint
 from ablate.errors import UserError
 from ablate.fsutil import check_writable
 from ablate.objective import direction
-from ablate.storage import check_storage_url, default_storage_url, open_storage, redact, storage_kind
+from ablate.storage import canonical_url, check_storage_url, default_storage_url, open_storage, redact, storage_kind
+from ablate.train import plan_budget
 
 __all__ = ["Plan", "preflight", "validate_study", "resolve_device", "storage_for"]
 
@@ -63,8 +65,6 @@ def resolve_device(choice: str) -> str:
 
 def storage_for(study_dir: Path, storage: str | None, recorded: str | None) -> str:
     """The storage URL of this run: the one given, else the one the study was started with."""
-    from ablate.storage import canonical_url
-
     storage = canonical_url(storage) if storage is not None else None
     default = default_storage_url(study_dir)
     # the default SQLite file of a study folder that was moved or copied since: use the one here
@@ -119,9 +119,6 @@ def validate_study(config: StudyConfig, *, trust_remote_code: bool = False, prog
     when the study config says so too: the config records it, the flag allows it, and neither
     alone is enough.
     """
-    from ablate.data import load_packed, tokenizer_fingerprint
-    from ablate.train import plan_budget
-
     if config.trust_remote_code and not trust_remote_code:
         raise UserError("the study sets trust_remote_code: true, which runs code shipped with the model; "
                         "pass --trust-remote-code on the command line to allow it")

@@ -29,6 +29,7 @@ from ablate.data import DataSource, load_packed
 from ablate.errors import UserError
 from ablate.fsutil import atomic_write_json
 from ablate.plan import layer_plan
+from ablate.torchutil import evaluating
 
 __all__ = ["angular_distances", "dus_layers", "study_redundancy", "CACHE_NAME"]
 
@@ -67,8 +68,6 @@ def angular_distances(model, rows, *, batch_size: int = 8) -> np.ndarray:
     float64.
     """
     import torch  # torch (and torchutil, which imports it) only here: reading a cached result needs neither
-
-    from ablate.torchutil import evaluating
 
     layers = _decoder_layers(model)
     ids_all = torch.from_numpy(np.array(rows, dtype=np.int64))  # a copy: cached rows are read-only memmaps

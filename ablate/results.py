@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ablate.errors import UserError
 from ablate.fsutil import atomic_write_text
+from ablate.storage import open_storage
 
 __all__ = ["COLUMNS", "STATES", "read_records", "trial_rows", "load", "write_csv", "study_dir_info", "storage_url",
            "open_study"]
@@ -126,8 +127,6 @@ def storage_url(path: str | Path, info: dict, storage: str | None = None) -> str
 def open_study(path: str | Path, info: dict | None = None, storage: str | None = None):
     """The ``optuna.Study`` of a study folder, or None when its storage cannot be opened here."""
     import optuna  # lazy: reading a copied study folder needs no database
-
-    from ablate.storage import open_storage
 
     info = study_dir_info(path) if info is None else info
     url = storage_url(path, info, storage)

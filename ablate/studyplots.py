@@ -10,6 +10,7 @@ import warnings
 
 import numpy as np
 
+from ablate.errors import first_line
 from ablate.plots import COLUMN_IN, FONT_PT, PANEL_IN, finish, message_figure, palette, style, wrap
 
 __all__ = ["optimization_history", "param_importances", "timeline"]
@@ -132,8 +133,7 @@ def param_importances(study, *, label: str = "objective"):
     try:
         fig = _optuna_plot(lambda: plot_param_importances(flat, evaluator=evaluator), title)
     except (ValueError, RuntimeError, ZeroDivisionError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return message_figure(title, f"importances are not available for this study: {first}")
+        return message_figure(title, f"importances are not available for this study: {first_line(exc)}")
     fig.axes[0].set_xlabel(wrap(f"share of the variance of: {label}", 40))
     fig.axes[0].set_ylabel("")
     return fig

@@ -52,6 +52,8 @@ from types import MappingProxyType
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ablate.errors import UserError
+from ablate.fsutil import atomic_write_text
+from ablate.torchutil import evaluating
 
 __all__ = [
     "SyntheticConfig",
@@ -295,8 +297,6 @@ def accuracy(model, tokenizer, items: Sequence[dict], *, batch_size: int = 256) 
     """
     import torch  # torch only here: the corpus itself needs no torch
 
-    from ablate.torchutil import evaluating  # imports torch
-
     rows, spans = [], []
     for item in items:
         n_ctx = len(tokenizer(item["context"])["input_ids"])
@@ -394,8 +394,6 @@ def task_names(folder: str | os.PathLike | None) -> list[str]:
     re-pointed at the JSONL files beside them, atomically.
     """
     import yaml
-
-    from ablate.fsutil import atomic_write_text
 
     if folder is None:
         return []

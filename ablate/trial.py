@@ -35,11 +35,19 @@ import yaml
 
 from ablate import base as bases
 from ablate.config import StudyConfig
+from ablate.data import load_packed, tokenizer_fingerprint
 from ablate.errors import one_line
+from ablate.evaluate import evaluate, perplexity
 from ablate.fsutil import atomic_dir, atomic_write_json, atomic_write_text
+from ablate.moe import upcycle
 from ablate.objective import objective_value
+from ablate.params import count_params
 from ablate.search import SearchSpace
 from ablate.storage import Worker
+from ablate.synthetic import task_names
+from ablate.train import continue_pretraining
+from ablate.upscale import depth_upscale
+from ablate.zoobuild import build_many
 
 __all__ = ["TrialFailed", "Workspace", "Objective", "run_trial", "repeat_train_config", "environment"]
 
@@ -62,8 +70,6 @@ class Workspace:
     def build_zoo(self) -> None:
         """Build the study's missing zoo bases now, side by side (one process each on a CPU),
         rather than one after another as their first trials need them."""
-        from ablate.zoobuild import build_many  # spawns processes: only when there is a zoo base to build
-
         names = [b.model for b in self.config.bases if bases.resolve(b.model).kind == "zoo"]
         if names:
             build_many(names, progress=self.progress)
@@ -79,8 +85,6 @@ class Workspace:
 
     def data(self, tokenizer):
         """Packed CPT and held-out rows for this tokenizer (cached on disk by ablate.data)."""
-        from ablate.data import load_packed, tokenizer_fingerprint
-
         key = tokenizer_fingerprint(tokenizer)
         if key not in self._data:
             d = self.config.data
@@ -92,17 +96,12 @@ class Workspace:
         """Task names by few-shot count: the study's lm-eval tasks plus the synthetic ones."""
         groups = self.config.eval.task_groups()
         if self.config.eval.synthetic_tasks:
-            from ablate.synthetic import task_names
-
             groups.setdefault(self.config.eval.num_fewshot, []).extend(task_names(self.tasks_dir))
         return groups
 
 
 def build_variant(ws: Workspace, arm, base):
     """The variant of ``arm`` from ``base``, a new model on the base's device."""
-    from ablate.moe import upcycle
-    from ablate.upscale import depth_upscale
-
     if arm.method == "dus":
         return depth_upscale(base, arm.m)
     moe = ws.config.methods.moe
@@ -132,9 +131,6 @@ def run_trial(ws: Workspace, arm, out_dir: Path, on_eval: Callable[[int, int, fl
     """
     import torch
 
-    from ablate.evaluate import evaluate, perplexity
-    from ablate.params import count_params
-    from ablate.train import continue_pretraining
 
     t0 = time.perf_counter()
     base, tokenizer = ws.base(arm.base)

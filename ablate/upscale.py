@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import re
 
+from ablate import export
 from ablate.errors import UserError, cli
 from ablate.exportcli import export_parser, run_export
 from ablate.plan import layer_plan
@@ -128,8 +129,6 @@ def export_upscaled(src: str, m: int, out: str, *, force: bool = False, max_shar
 
     Returns the provenance record also written to ``out/ablate.json``.
     """
-    from ablate import export
-
     source = export.resolve_source(src)
     config = export.load_config(source)
     n = config.num_hidden_layers

@@ -35,8 +35,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ablate import train  # as a module: tests replace train.continue_pretraining
+from ablate.data import load_packed
 from ablate.errors import UserError
 from ablate.fsutil import ablate_home, atomic_dir, atomic_write_json
+from ablate.synthetic import DEFAULT_LEVELS, accuracy, chance_level, eval_items, iter_documents
 
 __all__ = ["ZooSpec", "ZOO", "zoo_dir", "is_built", "build", "spec_of", "data_args", "zoo_tokenizer",
            "model_config", "micro_spec"]
@@ -141,8 +144,6 @@ def zoo_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from ablate.synthetic import iter_documents
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -202,9 +203,6 @@ def _build(spec: ZooSpec, final: Path, progress: bool, on_step=None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ablate.data import load_packed
-    from ablate.synthetic import chance_level
-    from ablate.train import TrainConfig, continue_pretraining
 
     start = time.perf_counter()
     tokenizer = zoo_tokenizer()
@@ -214,7 +212,7 @@ def _build(spec: ZooSpec, final: Path, progress: bool, on_step=None) -> Path:
     config.eos_token_id = config.pad_token_id = tokenizer.eos_token_id
     config.bos_token_id = tokenizer.bos_token_id
     model = AutoModelForCausalLM.from_config(config)
-    train = TrainConfig(tokens=spec.train_tokens, micro_batch_size=spec.micro_batch_size,
+    recipe = train.TrainConfig(tokens=spec.train_tokens, micro_batch_size=spec.micro_batch_size,
                         tokens_per_step=spec.tokens_per_step, lr=spec.lr, warmup=spec.warmup,
                         seed=spec.seed, eval_every=10**9, eval_rows=data.val.shape[0])
     # replaces a build of another spec or zoo version (or any, with force) once the new one is complete
@@ -223,7 +221,7 @@ def _build(spec: ZooSpec, final: Path, progress: bool, on_step=None) -> Path:
             print(f"building {spec.name}: {spec.num_layers} layers, {_count(model):,} parameters, "
                   f"{spec.train_tokens:,} tokens")
         with _following(tmp / "pretraining" / "metrics.jsonl", on_step):
-            result = continue_pretraining(model, data, train, out_dir=tmp / "pretraining", progress=progress)
+            result = train.continue_pretraining(model, data, recipe, out_dir=tmp / "pretraining", progress=progress)
         if result.status != "completed":
             raise RuntimeError(f"pretraining {spec.name} did not complete: {result.reason}")
         probe = _probe(model, tokenizer)
@@ -279,8 +277,6 @@ def spec_of(name: str) -> ZooSpec:
 
 def _probe(model, tokenizer) -> dict[str, float]:
     """Accuracy per level on the study's default evaluation items (the calibration numbers)."""
-    from ablate.synthetic import DEFAULT_LEVELS, accuracy, eval_items
-
     return {f"synth_k{k}": accuracy(model, tokenizer, eval_items(k, PROBE_ITEMS)) for k in DEFAULT_LEVELS}
 
 

@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from ablate.data import load_packed
 from ablate.errors import UserError, cli
 from ablate.fsutil import ablate_home
 from ablate.zoo import POLL_S, ZOO, ZooSpec, build, data_args, is_built, spec_of, zoo_dir, zoo_tokenizer
@@ -127,8 +128,6 @@ def _plan(missing: int, jobs: int | None, threads: int | None) -> tuple[int, int
 
 def _prepack(specs: list[ZooSpec], progress: bool) -> None:
     """Pack here the data that several of ``specs`` share, so no two workers write one cache."""
-    from ablate.data import load_packed
-
     counts = Counter(tuple(sorted(data_args(s).items())) for s in specs)
     shared = [dict(key) for key, n in counts.items() if n > 1]
     if shared:

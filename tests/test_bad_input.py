@@ -226,6 +226,53 @@ EXPORT_UNWRITABLE = [  # see the report: ablate/export.py lets the OSError of an
     Case("moe-unwritable-out", "moe", lambda i: [str(i.kit.base), "--experts", "2", "--top-k", "1", "--out",
                                                  "/proc/ablate-y"], "/proc"),
 ]
+def _hostile(i: Inputs, name: str) -> str:
+    """A broken copy of the kit's base under ``i.root`` (made on first use): weights that are not what
+    the config says, or pickled weights behind an index."""
+    folder = i.root / name
+    if folder.exists():
+        return str(folder)
+    from safetensors.torch import load_file
+
+    shutil.copytree(i.kit.base, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    if name == "more-layers":  # the config lists 6 layers, the weights hold 4
+        (folder / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 6}))
+    elif name == "pickle-bypass":  # an index naming a pickle, beside an unrelated safetensors file
+        (folder / "model.safetensors").rename(folder / "unrelated.safetensors")
+        names = load_file(folder / "unrelated.safetensors").keys()
+        (folder / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": dict.fromkeys(names, "pytorch_model.bin")}))
+    elif name == "remote-code":  # asks for its own configuration class
+        (folder / "configuration_x.py").write_text("raise SystemExit('remote code ran')\n")
+        (folder / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoConfig": "configuration_x.XConfig"}}))
+    return str(folder)
+
+
+def _hostile_base(name: str):
+    return lambda i: ["--config", i.config(name, bases=[{"model": _hostile(i, name), "label": "h"}])]
+
+
+BASE_CASES = [  # issue 12 items 1-4, 8-10, 17: each file check, through every command that reads a base
+    Case("base-config-more-layers-than-weights", "study", _hostile_base("more-layers"), "no tensors for layers 4-5"),
+    Case("base-pickle-behind-an-index", "study", _hostile_base("pickle-bypass"), "points at 'pytorch_model.bin'"),
+    Case("base-remote-code-with-flag-only", "study",
+         lambda i: [*_hostile_base("remote-code")(i), "--trust-remote-code"], "ships its own model code"),
+    Case("study-device-gpu", "study", study("--device", "gpu"), "--device 'gpu' is not a device"),
+    Case("upscale-config-more-layers", "upscale", lambda i: [_hostile(i, "more-layers"), "--m", "1", "--out", i.out],
+         "no tensors for layers 4-5"),
+    Case("moe-pickle-behind-an-index", "moe", lambda i: [_hostile(i, "pickle-bypass"), "--experts", "2", "--top-k",
+                                                         "1", "--out", i.out], "points at 'pytorch_model.bin'"),
+    Case("upscale-force-onto-the-source-s-folder", "upscale",
+         lambda i: [str(i.kit.base), "--m", "1", "--out", str(i.kit.base.parent), "--force"], "contains the source"),
+    Case("upscale-force-onto-a-foreign-folder", "upscale",
+         lambda i: [str(i.kit.base), "--m", "1", "--out", str(i.root / "export-exists"), "--force"],
+         "is not an earlier export"),
+    Case("figures-out-is-a-file", "figures", lambda i: ["--study", str(Path(__file__).parents[1] / "paper" / "study"),
+                                                        "--out", str(i.root / "a-file")], "is a file, not a folder"),
+]
+CASES += BASE_CASES
 COMMANDS = {c.command for c in CASES}
 
 
