@@ -117,6 +117,26 @@ def run_study(config, *, trials: int, out: str | Path = "runs", storage: str | N
         worker.close()
 
 
+CONFIG_ATTR = "ablate:config"  # the study's resolved config, kept in the storage beside its trials
+
+
+def _claim_config(study, config) -> None:
+    """Record the study's config in its storage, or refuse a worker whose config differs.
+
+    ``study.json`` is written per folder, so workers on other machines (or started at once with
+    other ``--set`` values) would otherwise share one study with different settings. The storage
+    is what they share; this runs under the sampling lock, so the check and the write are one step.
+    """
+    mine = config.model_dump(mode="json")
+    recorded = study.user_attrs.get(CONFIG_ATTR)
+    if recorded is None:
+        study.set_user_attr(CONFIG_ATTR, mine)
+    elif recorded != mine:
+        changed = sorted(k for k in set(mine) | set(recorded) if mine.get(k) != recorded.get(k))
+        raise UserError(f"study {config.name!r} in this storage runs another config (differs in "
+                        f"{', '.join(changed)}); use the same config, or another --study NAME")
+
+
 def _run(config, trials: int, plan: Plan, progress: bool, worker) -> dict:
     study_dir, direction = plan.study_dir, plan.direction
     space = SearchSpace(config, plan.depths)
@@ -125,6 +145,8 @@ def _run(config, trials: int, plan: Plan, progress: bool, worker) -> dict:
     study = optuna.create_study(study_name=config.name, storage=open_storage(plan.url), direction=direction,
                                 sampler=make_sampler(config, space), pruner=make_pruner(config),
                                 load_if_exists=True)
+    with worker.sampling():  # one worker at a time: the first records its config, the others compare
+        _claim_config(study, config)
     if not (study_dir / "study.json").is_file():
         atomic_write_json(study_dir / "study.json", {"name": config.name, "storage": plan.shown_url,
                                                      "direction": direction, "config": config.model_dump(mode="json"),

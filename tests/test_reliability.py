@@ -221,3 +221,25 @@ def test_same_seed_same_numbers(home, tmp_path):
     a, b = (t.drop(columns=timing) for t in tables)
     assert a["state"].eq("complete").all() and len(a) == 5
     pd.testing.assert_frame_equal(a, b, check_exact=True)
+
+
+def test_a_worker_with_another_config_is_refused_by_the_shared_storage(home, tmp_path):
+    """Issue 12 item 7: two workers on one journal storage and one study name, other learning rates.
+
+    Each has its own folder (as on two machines), so only the storage can tell them apart: the
+    first records its config there, the second is refused before it runs a trial.
+    """
+    journal = f"journal:{tmp_path / 'shared.log'}"
+    first = parse_config(home.tree(train={**home.tree()["train"], "lr": 1e-3}))
+    other = parse_config(home.tree(train={**home.tree()["train"], "lr": 5e-2}))
+    run_study(first, trials=1, out=tmp_path / "a", storage=journal, progress=False)
+    with pytest.raises(UserError, match="runs another config \\(differs in train\\)"):
+        run_study(other, trials=2, out=tmp_path / "b", storage=journal, progress=False)
+
+    def started() -> int:  # queued controls aside
+        study = optuna.load_study(study_name="tiny-study", storage=open_storage(journal))
+        return sum(t.state != TrialState.WAITING for t in study.trials)
+
+    assert started() == 1  # the refused worker ran nothing
+    run_study(first, trials=2, out=tmp_path / "c", storage=journal, progress=False)  # the same config joins
+    assert started() == 2
