@@ -110,9 +110,10 @@ def run_study(config, *, trials: int, out: str | Path = "runs", storage: str | N
     plan = preflight(config, out, storage=storage, device=device, trust_remote_code=trust_remote_code,
                      progress=progress)
     plan.study_dir.mkdir(parents=True, exist_ok=True)
+    storage = open_storage(plan.url)  # a broken storage file fails here, before .workers/ is made
     worker = Worker(plan.url, config.name, plan.study_dir)
     try:
-        return _run(config, trials, plan, progress, worker)
+        return _run(config, trials, plan, progress, worker, storage)
     finally:
         worker.close()
 
@@ -137,12 +138,12 @@ def _claim_config(study, config) -> None:
                         f"{', '.join(changed)}); use the same config, or another --study NAME")
 
 
-def _run(config, trials: int, plan: Plan, progress: bool, worker) -> dict:
+def _run(config, trials: int, plan: Plan, progress: bool, worker, storage) -> dict:
     study_dir, direction = plan.study_dir, plan.direction
     space = SearchSpace(config, plan.depths)
     # Optuna logs a failed trial with its traceback; we print one line per failure instead
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study = optuna.create_study(study_name=config.name, storage=open_storage(plan.url), direction=direction,
+    study = optuna.create_study(study_name=config.name, storage=storage, direction=direction,
                                 sampler=make_sampler(config, space), pruner=make_pruner(config),
                                 load_if_exists=True)
     with worker.sampling():  # one worker at a time: the first records its config, the others compare

@@ -511,3 +511,19 @@ def test_a_malformed_jsonl_line_is_named(tmp_path, tiny_tokenizer):
     with pytest.raises(UserError, match=r"corpus.jsonl: line 61 is not valid JSON") as info:
         _pack(str(path), tiny_tokenizer, tmp_path)
     assert "\n" not in str(info.value)
+
+
+def test_a_study_with_too_many_configurations_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """Issue 12 item 11: the search space is enumerated, so its size is bounded in the preflight."""
+    from _studykit import make_kit
+
+    from ablate import preflight
+    from ablate.config import parse_config
+    from ablate.study import run_study
+
+    kit = make_kit(tmp_path / "kit")
+    monkeypatch.setenv("ABLATE_HOME", str(kit.home))
+    monkeypatch.setattr(preflight, "MAX_CONFIGURATIONS", 7)  # 4 configurations per repeat: 2 repeats are 8
+    with pytest.raises(UserError, match="has 8 configurations, over 7"):
+        run_study(parse_config(kit.tree(repeats=2)), trials=1, out=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
