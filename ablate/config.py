@@ -48,7 +48,8 @@ class BaseConfig(Strict):
                        "or a hub id such as HuggingFaceTB/SmolLM2-135M.")
     label: str | None = Field(None, description="Short name in tables and plots; default: the model's last "
                               "path component.")
-    m: list[int] | None = Field(None, max_length=MAX_M_VALUES, description="The m values to try (layers removed from each copy). "
+    m: list[int] | None = Field(None, max_length=MAX_M_VALUES,
+                                description="The m values to try (layers removed from each copy). "
                                 "Default: the up-scaling range 0..n/2, where n/2 is the unchanged base.")
 
     moe: bool = Field(True, description="Include the MoE upcycle baseline for this base (Llama and Mistral "

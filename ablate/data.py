@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ablate import synthetic
 from ablate.errors import UserError, first_line, one_line
-from ablate.fsutil import ablate_home, atomic_dir, atomic_write_json
+from ablate.fsutil import ablate_home, atomic_dir, atomic_write_json, waiting_lock
 from ablate.synthetic import iter_documents
 
 __all__ = ["PackedData", "DataSource", "parse_source", "load_packed", "tokenizer_fingerprint"]
@@ -205,18 +205,9 @@ def _build_entry(folder: Path, payload: dict, src: DataSource, tokenizer, seq_le
     dies) makes a second process wait for the first and then load its result, instead of packing
     the same data again and meeting it at the final rename.
     """
-    from filelock import FileLock, Timeout
-
     locks = folder.parent.with_name(f".{folder.parent.name}.locks")
-    locks.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(locks / f"{folder.name}.lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        if progress:
-            print(f"another process is packing {src.describe()} into {folder}; waiting for it")
-        lock.acquire()
-    try:
+    waiting = f"another process is packing {src.describe()} into {folder}; waiting for it" if progress else None
+    with waiting_lock(locks / f"{folder.name}.lock", waiting):
         if (folder / "meta.json").is_file():  # built by the process we waited for
             return
         try:
@@ -227,8 +218,6 @@ def _build_entry(folder: Path, payload: dict, src: DataSource, tokenizer, seq_le
         except FileExistsError:  # a writer without the lock (an older version) finished first: use theirs
             if not (folder / "meta.json").is_file():
                 raise
-    finally:
-        lock.release()
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

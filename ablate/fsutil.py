@@ -21,9 +21,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from ablate.errors import UserError
 
-__all__ = ["ablate_home", "atomic_dir", "clean_partials", "atomic_write_text", "atomic_write_json", "check_writable"]
+__all__ = ["ablate_home", "atomic_dir", "clean_partials", "atomic_write_text", "atomic_write_json", "check_writable",
+           "waiting_lock"]
 
 
 def ablate_home() -> Path:
@@ -172,3 +175,22 @@ def check_writable(path: Path) -> None:
         tempfile.TemporaryDirectory(dir=probe, prefix=".ablate-probe-").cleanup()
     except OSError as exc:
         raise UserError(f"cannot write to {probe} ({exc.strerror or exc}); choose another --out") from None
+
+
+@contextlib.contextmanager
+def waiting_lock(path: str | os.PathLike, waiting: str | None = None) -> Iterator[None]:
+    """Hold the file lock ``path`` (an ``flock``: the kernel drops it when its holder dies, however it
+    dies); when another process holds it, print ``waiting`` (if given) once and wait for it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if waiting:
+            print(waiting)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()

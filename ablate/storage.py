@@ -192,7 +192,8 @@ def _check_journal(url: str, journal: Path) -> None:
     if not _journal_named(url):
         raise UserError(f"storage {url!r} names no file; write journal:PATH.log (e.g. journal:runs/study.log)")
     if journal.is_dir():
-        raise UserError(f"journal storage {journal} is a folder; name a file in it, e.g. journal:{journal / 'study.log'}")
+        raise UserError(f"journal storage {journal} is a folder; name a file in it, "
+                        f"e.g. journal:{journal / 'study.log'}")
     if not journal.parent.is_dir():
         raise UserError(f"journal storage folder {journal.parent} does not exist; create it first")
     check_storage_files(url)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ablate.data import load_packed
 from ablate.errors import UserError, cli
-from ablate.fsutil import ablate_home
+from ablate.fsutil import ablate_home, waiting_lock
 from ablate.zoo import POLL_S, ZOO, ZooSpec, build, data_args, is_built, spec_of, zoo_dir, zoo_tokenizer
 
 __all__ = ["build_many", "main"]
@@ -62,21 +62,10 @@ def _zoo_lock(progress: bool):
     """Hold ``ablate_home()/.zoo-build.lock``. Several study workers started at once on one machine
     would otherwise each build the whole zoo, side by side on the same cores (the same bits, at a
     multiple of the time); the ones that wait find the models built when they get the lock."""
-    from filelock import FileLock, Timeout
-
     home = ablate_home()
-    home.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(home / ".zoo-build.lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        if progress:
-            print(f"another process is building the zoo in {home / 'zoo'}; waiting for it")
-        lock.acquire()
-    try:
+    waiting = f"another process is building the zoo in {home / 'zoo'}; waiting for it" if progress else None
+    with waiting_lock(home / ".zoo-build.lock", waiting):
         yield
-    finally:
-        lock.release()
 
 
 def _build_missing(specs: list[ZooSpec], jobs: int | None, threads: int | None, force: bool,

@@ -189,7 +189,8 @@ CASES = [
     Case("journal-storage-is-a-folder", "study",
          lambda i: ["--config", i.config("ok"), "--storage", f"journal:{i.root / 'not-a-checkpoint'}"], "is a folder"),
     Case("journal-storage-is-garbage", "study",
-         lambda i: ["--config", i.config("ok"), "--storage", f"journal:{i.root / 'a-file'}"], "is not an Optuna journal"),
+         lambda i: ["--config", i.config("ok"), "--storage", f"journal:{i.root / 'a-file'}"],
+         "is not an Optuna journal"),
     Case("sqlite-storage-is-garbage", "study",
          lambda i: ["--config", i.config("ok"), "--storage", f"sqlite:///{i.root / 'a-file'}"],
          "is not an SQLite database"),
@@ -209,11 +210,12 @@ CASES = [
          "is not a UTF-8 text file"),
     Case("yaml-bomb", "study", lambda i: ["--config", _file(i.root / "configs" / "bomb.yaml", YAML_BOMB)],
          "a YAML bomb?"),
-    Case("yaml-recursive-anchor", "study", lambda i: ["--config", _file(i.root / "configs" / "rec.yaml", b"a: &a [*a]\n")],
+    Case("yaml-recursive-anchor", "study",
+         lambda i: ["--config", _file(i.root / "configs" / "rec.yaml", b"a: &a [*a]\n")],
          "refers to its own anchor"),
 ]
 YAML_BOMB = ("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefghi", "bcdefghij"))).encode()
+    f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefghi", "bcdefghij", strict=False))).encode()
 
 
 def _file(path: Path, content: bytes) -> str:

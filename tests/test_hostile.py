@@ -119,9 +119,9 @@ def test_storage_files_that_are_not_storages_give_one_line(tmp_path):
 
     for url, expect in _storage_cases(tmp_path):
         before = sorted(p.name for p in tmp_path.rglob("*"))
-        for call in (lambda: open_storage(url), lambda: Worker(url, "x", tmp_path / "study")):
+        for call in (open_storage, lambda u: Worker(u, "x", tmp_path / "study")):
             with pytest.raises(UserError) as info:
-                call()
+                call(url)
             message = str(info.value)
             assert expect in message and "\n" not in message, (url, message)
             assert "PGPASSWORD" not in message and "host" not in message, (url, message)
@@ -377,7 +377,8 @@ def test_what_a_config_may_ask_for_is_bounded_with_the_bound_in_the_error(overri
 
 @pytest.mark.parametrize("document, expect", [
     ("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefghi", "bcdefghij")), "YAML bomb"),
+        f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefghi", "bcdefghij", strict=True)),
+     "YAML bomb"),
     ("name: &a [*a]\n", "refers to its own anchor"),
     ("name: &a {k: *a}\n", "refers to its own anchor"),
     ("x: &x 1\nl: [" + ", ".join(["*x"] * 1001) + "]\n", "more than 1000 aliases"),
@@ -400,7 +401,7 @@ def test_a_yaml_bomb_in_an_override_is_refused_by_the_same_loader():
     from ablate.config import load_yaml
 
     flow = "[&a [1, 1, 1, 1, 1, 1, 1, 1], " + ", ".join(
-        f"&{c} [{', '.join(['*' + p] * 8)}]" for p, c in zip("abcdefg", "bcdefgh")) + "]"
+        f"&{c} [{', '.join(['*' + p] * 8)}]" for p, c in zip("abcdefg", "bcdefgh", strict=False)) + "]"
     with pytest.raises(yaml.YAMLError, match="YAML bomb"):
         load_yaml(flow)
 
