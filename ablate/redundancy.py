@@ -67,7 +67,7 @@ def angular_distances(model, rows, *, batch_size: int = 8) -> np.ndarray:
     counts once. Runs on the model's device in the model's dtype; the angles are taken in
     float64.
     """
-    import torch  # torch (and torchutil, which imports it) only here: reading a cached result needs neither
+    import torch
 
     layers = _decoder_layers(model)
     ids_all = torch.from_numpy(np.array(rows, dtype=np.int64))  # a copy: cached rows are read-only memmaps
