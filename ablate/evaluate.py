@@ -95,7 +95,7 @@ def perplexity(model, rows: np.ndarray, *, batch_size: int = 8, precision: Preci
 
     Returns ``{"val_loss": float, "val_ppl": float, "tokens": int}``.
     """
-    import torch  # torch only here and in evaluate(): `import ablate.evaluate` stays cheap
+    import torch
     import torch.nn.functional as F
 
     rows = np.asarray(rows)

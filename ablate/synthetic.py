@@ -295,7 +295,7 @@ def accuracy(model, tokenizer, items: Sequence[dict], *, batch_size: int = 256) 
     log-probability of its tokens wins. A quick probe for calibration, without lm-eval's import
     and setup cost; ``tests/test_synthetic.py`` checks it against ``lm_eval.simple_evaluate``.
     """
-    import torch  # torch only here: the corpus itself needs no torch
+    import torch
 
     rows, spans = [], []
     for item in items:
