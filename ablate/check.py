@@ -20,6 +20,7 @@ import optuna
 
 from ablate.errors import UserError, cli
 from ablate.results import study_dir_info
+from ablate.search import retried
 from ablate.storage import open_storage
 
 __all__ = ["check_study", "main"]
@@ -89,10 +90,13 @@ def _check_folders(study_dir: Path, trials: list) -> list[str]:
 
 
 def _check_configurations(trials: list) -> list[str]:
-    """No configuration ran twice: duplicates that stood down and trials that died do not count."""
+    """No configuration ran twice: duplicates that stood down, trials that died and failures that ran
+    again do not count."""
     seen: dict[tuple, list[int]] = {}
+    again = retried(trials)  # failed trials that --retry-failed ran again
     for t in trials:
-        started = t.state.name in STARTED or (t.state.name == "FAIL" and "fail_reason" in t.user_attrs)
+        started = t.state.name in STARTED or (t.state.name == "FAIL" and "fail_reason" in t.user_attrs
+                                              and t.number not in again)
         if started and "duplicate_of" not in t.user_attrs and t.user_attrs.get("base") is not None:
             seen.setdefault(_arm(t.user_attrs), []).append(t.number)
     return [f"configuration {arm} ran in trials {numbers}" for arm, numbers in seen.items() if len(numbers) > 1]

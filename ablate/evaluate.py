@@ -14,8 +14,8 @@ is scored in full. The items depend only on ``(n, k, s)``: never on the model, t
 order or the library versions, and never "the first k" (lm-eval's ``limit``) of an ordered dataset.
 Group aggregates (e.g. ``mmlu/acc``) are over the selected items of their members.
 
-lm-eval is imported inside functions, so ``import ablate.evaluate`` is cheap and :func:`perplexity`
-works where lm-eval is not installed.
+lm-eval is imported inside functions (it takes seconds to import, and only :func:`evaluate` needs
+it), so :func:`perplexity` works where lm-eval is not installed.
 """
 
 from __future__ import annotations

@@ -23,9 +23,7 @@ from optuna.trial import TrialState
 from ablate.config import StudyConfig
 
 __all__ = ["Arm", "SearchSpace", "NoRepeatSampler", "SweepSampler", "make_sampler", "make_pruner", "enqueue_controls",
-           "requeue_lost", "MAX_KILLS"]
-
-MAX_KILLS = 3  # a configuration whose worker died this many times is not run again (out of memory?)
+           "requeue_lost", "retry_failed", "retried"]
 
 
 @dataclass(frozen=True)
@@ -136,15 +134,18 @@ class SearchSpace:
         """Configuration -> numbers of the trials that ran it, run it or are queued to run it.
 
         A trial that failed with a recorded reason (divergence, a broken variant) keeps its
-        configuration: rerunning it would fail the same way. One that died without a reason
-        (killed, stale, interrupted) gives its configuration back, and so does a trial that
-        stood down because another trial held its configuration (``duplicate_of``).
+        configuration: rerunning it would fail the same way, until :func:`retry_failed` queues it
+        again. One that died without a reason (killed, stale, interrupted) gives its configuration
+        back, and so does a trial that stood down because another trial held its configuration
+        (``duplicate_of``).
         """
         out: dict[Arm, list[int]] = {}
-        for t in study.get_trials(deepcopy=False):
+        trials = study.get_trials(deepcopy=False)
+        again = retried(trials)
+        for t in trials:
             if t.number == exclude or "duplicate_of" in t.user_attrs:
                 continue
-            if t.state == TrialState.FAIL and "fail_reason" not in t.user_attrs:
+            if t.state == TrialState.FAIL and ("fail_reason" not in t.user_attrs or t.number in again):
                 continue
             arm = self.trial_arm(t)
             if arm is not None:
@@ -286,13 +287,21 @@ def enqueue_controls(study: optuna.Study, space: SearchSpace) -> list[Arm]:
     return queued
 
 
+def retried(trials) -> set[int]:
+    """Numbers of the failed trials that a later trial runs again (its ``retry_of``)."""
+    return {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
+
+
 def requeue_lost(study: optuna.Study, space: SearchSpace) -> list[Arm]:
     """Queue again each configuration whose trial died without a reason and that no trial holds now.
 
     A killed or interrupted trial is failed without a reason and frees its configuration; this
-    puts it back at the front of the queue so it runs next. A configuration whose worker died
-    :data:`MAX_KILLS` times (interruptions by the user not counted) is retired instead, with a
-    failed trial that records why. Call it where no other worker samples at the same time.
+    puts it back at the front of the queue so it runs next, however often its worker died: a
+    configuration leaves the queue only by finishing, or by failing for a reason of its own (a
+    diverged loss, a broken variant), which its trial records. A kill is never such a reason: a
+    user's ``kill -9`` and the kernel's out-of-memory killer look the same from here, and the
+    summary reports how often each configuration's worker died. Call it where no other worker
+    samples at the same time.
     """
     lost: dict[Arm, list] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
@@ -304,15 +313,27 @@ def requeue_lost(study: optuna.Study, space: SearchSpace) -> list[Arm]:
     for arm, dead in lost.items():
         if arm in taken:
             continue
-        kills = [t for t in dead if not t.user_attrs.get("interrupted")]
-        attrs = {**arm.to_dict(), "retry_of": dead[-1].number}
-        if len(kills) >= MAX_KILLS:
-            reason = (f"its worker died {len(kills)} times running this configuration (trials "
-                      f"{', '.join(str(t.number) for t in kills)}; out of memory?); not run again")
-            study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, params=space.params(arm),
-                                                      distributions=space.distributions(arm),
-                                                      user_attrs={**attrs, "fail_reason": reason}))
+        study.enqueue_trial(space.params(arm), user_attrs={**arm.to_dict(), "retry_of": dead[-1].number})
+        queued.append(arm)
+    return queued
+
+
+def retry_failed(study: optuna.Study, space: SearchSpace) -> list[Arm]:
+    """Queue again every configuration whose last trial failed for a reason of its own (``--retry-failed``).
+
+    The failed trial stays in the storage as it was; the new one names it (``retry_of``), which
+    gives the configuration back. Call it where no other worker samples at the same time.
+    """
+    trials = study.get_trials(deepcopy=False)
+    again = retried(trials)
+    queued = []
+    for t in trials:
+        arm = space.trial_arm(t)
+        if t.state != TrialState.FAIL or "fail_reason" not in t.user_attrs or "duplicate_of" in t.user_attrs \
+                or t.number in again or arm is None:
             continue
-        study.enqueue_trial(space.params(arm), user_attrs=attrs)
+        if space.holders(study).get(arm) != [t.number]:  # another trial holds (or ran) it meanwhile
+            continue
+        study.enqueue_trial(space.params(arm), user_attrs={**arm.to_dict(), "retry_of": t.number})
         queued.append(arm)
     return queued

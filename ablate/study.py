@@ -35,13 +35,21 @@ from ablate.errors import UserError, cli
 from ablate.fsutil import atomic_dir, atomic_write_json
 from ablate.preflight import Plan, preflight
 from ablate.results import write_csv
-from ablate.search import SearchSpace, enqueue_controls, make_pruner, make_sampler, requeue_lost
+from ablate.search import SearchSpace, enqueue_controls, make_pruner, make_sampler, requeue_lost, retried, retry_failed
 from ablate.storage import WORKER_ATTR, Worker, open_storage
-from ablate.summary import print_summary
+from ablate.summary import describe_arm, print_summary
 from ablate.synthetic import write_eval_tasks
 from ablate.trial import Objective, TrialFailed, Workspace
 
 __all__ = ["run_study", "main"]
+
+
+def _failed(study) -> int:
+    """Failed trials that hold their configuration (a reason of their own, not run again since)."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    again = retried(study.get_trials(deepcopy=False))
+    return sum("fail_reason" in t.user_attrs and "duplicate_of" not in t.user_attrs and t.number not in again
+               for t in trials)
 
 
 def _counts(study) -> tuple[int, int, int]:
@@ -95,8 +103,12 @@ def _report(study, trial) -> None:
 
 
 def run_study(config, *, trials: int, out: str | Path = "runs", storage: str | None = None,
-              device: str = "auto", progress: bool = True, trust_remote_code: bool = False) -> dict:
+              device: str = "auto", progress: bool = True, trust_remote_code: bool = False,
+              retry_failed: bool = False) -> dict:
     """Run (or continue) the study until it has ``trials`` finished trials; return its summary.
+
+    ``retry_failed`` queues again the configurations whose trials failed for a reason of their
+    own (a diverged loss, a broken variant); without it they keep their place as failures.
 
     ``trust_remote_code`` is the command line's permission: a config that sets
     ``trust_remote_code: true`` is refused without it. Everything is validated before the
@@ -113,7 +125,7 @@ def run_study(config, *, trials: int, out: str | Path = "runs", storage: str | N
     storage = open_storage(plan.url)  # a broken storage file fails here, before .workers/ is made
     worker = Worker(plan.url, config.name, plan.study_dir)
     try:
-        return _run(config, trials, plan, progress, worker, storage)
+        return _run(config, trials, plan, progress, worker, storage, retry_failed)
     finally:
         worker.close()
 
@@ -138,7 +150,7 @@ def _claim_config(study, config) -> None:
                         f"{', '.join(changed)}); use the same config, or another --study NAME")
 
 
-def _run(config, trials: int, plan: Plan, progress: bool, worker, storage) -> dict:
+def _run(config, trials: int, plan: Plan, progress: bool, worker, storage, retry: bool = False) -> dict:
     study_dir, direction = plan.study_dir, plan.direction
     space = SearchSpace(config, plan.depths)
     # Optuna logs a failed trial with its traceback; we print one line per failure instead
@@ -164,6 +176,9 @@ def _run(config, trials: int, plan: Plan, progress: bool, worker, storage) -> di
     total = len(space.arms())
     with worker.sampling():
         enqueue_controls(study, space)
+        if retry and (again := retry_failed(study, space)):
+            print(f"queued again {len(again)} configuration{'s' * (len(again) > 1)} that failed: "
+                  + ", ".join(describe_arm(a) for a in again))
     if min(trials, total) > _counts(study)[0]:  # trials to run: their zoo bases first, in parallel
         workspace.build_zoo()
     try:
@@ -174,8 +189,10 @@ def _run(config, trials: int, plan: Plan, progress: bool, worker, storage) -> di
                 if done + running >= trials:
                     break
                 if not waiting and len(space.taken(study)) >= total:
-                    print(f"all {total} configurations of the study have run; raise repeats or widen the m ranges "
-                          "for more trials")
+                    failed = _failed(study)
+                    print(f"all {total} configurations of the study have run"
+                          + (f" ({failed} failed for a reason of their own: --retry-failed runs them again)"
+                             if failed else "") + "; raise repeats or widen the m ranges for more trials")
                     break
                 if progress:
                     print(f"trial {done + running + 1}/{trials} of study {config.name!r}")
@@ -218,6 +235,9 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1")
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampler and of training (default: config)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="run again the configurations whose trials failed for a reason of their own (a "
+                             "diverged loss, a broken variant); a killed trial's configuration always runs again")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow hub models to run their own code; needed (with trust_remote_code: true in "
                              "the config) for architectures transformers does not ship")
@@ -235,7 +255,8 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         run_study(config, trials=args.trials, out=args.out, storage=args.storage, device=args.device,
-                  progress=not args.quiet, trust_remote_code=args.trust_remote_code)
+                  progress=not args.quiet, trust_remote_code=args.trust_remote_code,
+                  retry_failed=args.retry_failed)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to continue", file=sys.stderr)
         sys.exit(130)

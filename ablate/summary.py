@@ -7,14 +7,17 @@ dict too (tests and scripts read that instead of the terminal).
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 from pathlib import Path
 
+from optuna.trial import TrialState
 from rich.console import Console
 from rich.table import Table
 
 from ablate.results import trial_rows
+from ablate.search import retried
 
-__all__ = ["summarize", "print_summary"]
+__all__ = ["summarize", "print_summary", "describe_arm"]
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -81,4 +84,34 @@ def print_summary(study, space, study_dir: Path) -> dict:
         console.print(f"  best m = {s['best_m']} ({_fmt(s['best'])}); control {_fmt(s['control'])}; "
                       f"MoE upcycle {_fmt(s['moe'])}; trials: {s['complete']} complete, {s['pruned']} pruned, "
                       f"{s['failed']} failed")
+    for line in _failure_notes(study, space):
+        console.print(f"  {line}")
     return summary
+
+
+def _failure_notes(study, space) -> list[str]:
+    """What the tables do not show: configurations whose worker died (each ran again) and
+    configurations that failed for a reason of their own (kept as failures until retried)."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    again = retried(study.get_trials(deepcopy=False))
+    deaths: Counter = Counter()
+    own = []
+    for t in trials:
+        arm = space.trial_arm(t)
+        if arm is None or "duplicate_of" in t.user_attrs:
+            continue
+        if "fail_reason" not in t.user_attrs:
+            deaths[arm] += not t.user_attrs.get("interrupted")
+        elif t.number not in again:
+            own.append(f"trial {t.number} ({describe_arm(arm)}): {t.user_attrs['fail_reason'][:120]}")
+    notes = [f"the worker running {describe_arm(arm)} died {k} time{'s' * (k > 1)} (killed, or out of memory?); "
+             "it runs again each time" for arm, k in deaths.items() if k]
+    if own:
+        notes.append(f"{len(own)} configuration{'s' * (len(own) > 1)} failed for a reason of their own; "
+                     "--retry-failed runs them again: " + "; ".join(own[:5]))
+    return notes
+
+
+def describe_arm(arm) -> str:
+    """``tiny dus m=1 repeat 0``: a configuration in a line of text."""
+    return f"{arm.base} {arm.method}" + (f" m={arm.m}" if arm.m is not None else "") + f" repeat {arm.repeat}"

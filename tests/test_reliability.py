@@ -9,7 +9,8 @@
   notice at once (its liveness lock is free), run its configuration again and together stop at
   ``--trials`` without running a configuration twice;
 - two trials drawing one configuration: the later stands down and gives it back; a
-  configuration whose worker died three times is retired;
+  configuration whose worker dies runs again however often, and a failure of its own keeps its
+  configuration until --retry-failed; workers with another config cannot join a study;
 - SQLite refuses a second worker; passwords never reach messages; trust_remote_code needs
   the command-line flag; the same study twice gives the same numbers.
 """
@@ -33,7 +34,7 @@ from ablate.check import check_study
 from ablate.config import parse_config
 from ablate.errors import UserError
 from ablate.preflight import validate_study
-from ablate.search import MAX_KILLS, Arm, SearchSpace, requeue_lost
+from ablate.search import Arm, SearchSpace, requeue_lost
 from ablate.storage import WORKER_ATTR, Worker, default_storage_url, open_storage, redact
 from ablate.study import run_study
 from ablate.trial import Objective
@@ -152,7 +153,9 @@ def test_a_configuration_drawn_twice_runs_once(home):
     assert requeue_lost(study, space) == []  # and is not queued again
 
 
-def test_a_configuration_that_kills_its_worker_is_retired(home):
+def test_a_configuration_whose_worker_dies_is_never_dropped(home):
+    """Issue 12 item 6: a configuration leaves the queue only by finishing or by failing for a reason
+    of its own; one whose worker is killed runs again however often that happens."""
     config = parse_config(home.tree())
     space = SearchSpace(config, {"tiny": 4})
     arm = Arm("tiny", "dus", 1, 0)
@@ -166,16 +169,34 @@ def test_a_configuration_that_kills_its_worker_is_retired(home):
             trial.set_user_attr("interrupted", True)
         study.tell(trial, state=TrialState.FAIL)
 
-    die(interrupted=True)  # Ctrl-C does not count against the configuration
-    for _ in range(MAX_KILLS):
+    die(interrupted=True)
+    for _ in range(5):  # more than the three deaths that used to retire it
         assert arm not in space.taken(study)
         assert requeue_lost(study, space) == [arm]
         die()
-    assert requeue_lost(study, space) == []
-    assert arm in space.taken(study)
-    retired = study.trials[-1]
-    assert retired.state == TrialState.FAIL and "died 3 times" in retired.user_attrs["fail_reason"]
-    assert space.trial_arm(retired) == arm
+    assert requeue_lost(study, space) == [arm]
+    assert not [t for t in study.trials if "fail_reason" in t.user_attrs]  # no failure charged to it
+    trial = study.ask()  # the sixth try finishes
+    assert space.suggest(trial) == arm
+    study.tell(trial, 1.0)
+    assert requeue_lost(study, space) == [] and space.holders(study) == {arm: [trial.number]}
+
+
+def test_retry_failed_runs_a_failure_again_once(home):
+    """A failure with a reason of its own keeps its configuration until --retry-failed queues it again."""
+    from ablate.search import retried, retry_failed
+
+    config = parse_config(home.tree())
+    space = SearchSpace(config, {"tiny": 4})
+    arm = Arm("tiny", "dus", 2, 0)
+    study = optuna.create_study()
+    study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, params=space.params(arm),
+                                              distributions=space.distributions(arm),
+                                              user_attrs={**arm.to_dict(), "fail_reason": "diverged"}))
+    assert requeue_lost(study, space) == [] and space.holders(study) == {arm: [0]}
+    assert retry_failed(study, space) == [arm]
+    assert retry_failed(study, space) == []  # queued once, not twice
+    assert retried(study.trials) == {0} and space.holders(study) == {arm: [1]}
 
 
 def test_sqlite_takes_one_worker(home, tmp_path):
