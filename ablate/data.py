@@ -48,10 +48,15 @@ from ablate.synthetic import iter_documents
 
 __all__ = ["PackedData", "DataSource", "parse_source", "load_packed", "tokenizer_fingerprint"]
 
-CACHE_VERSION = 1  # bump when the packing or the cache layout changes: old caches then miss
+CACHE_VERSION = 2  # bump when the packing or the cache layout changes: old caches then miss
+# (2: documents longer than PIECE_CHARS are tokenized in pieces)
 BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 BATCH_DOCS = 1024  # documents per tokenizer call: large enough for the Rust batch encoder
 BATCH_CHARS = 4 << 20  # ...but at most ~4 MB of text per call, so long documents stay bounded
+# A longer document is tokenized in pieces of about this many characters, cut before a whitespace
+# character: the tokenizer's memory grows with the text of one call (an 18 MB one-line corpus took
+# 4.4 GB whole), and pieces past a full budget are never tokenized at all.
+PIECE_CHARS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -435,35 +440,56 @@ class _Rows:
         return k * self.seq_len
 
 
-def _encode(tokenizer, texts: list[str], eos: int) -> np.ndarray:
-    """Batch-tokenize and join, with EOS after every document."""
+def _encode(tokenizer, texts: list[str], eos: int, ends: list[bool] | None = None) -> np.ndarray:
+    """Batch-tokenize and join, with EOS after every document (after each text whose ``ends`` is true)."""
     ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
                     verbose=False)["input_ids"]
-    ends = np.cumsum([len(x) for x in ids])
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(ends[-1]))
-    return np.insert(flat, ends, eos)
+    bounds = np.cumsum([len(x) for x in ids])
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(bounds[-1]))
+    return np.insert(flat, bounds if ends is None else bounds[np.asarray(ends, dtype=bool)], eos)
+
+
+def pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
+    """``text`` in consecutive pieces of at most about ``size`` characters, each cut just before a
+    whitespace character where there is one in the piece's second half (so a word is not split and
+    byte-level BPE sees the same words), else at ``size``. Joined, the pieces are ``text``."""
+    start = 0
+    while len(text) - start > size:
+        cut = start + size
+        space = max(text.rfind(c, start + size // 2, cut) for c in " \n\t")
+        cut = space if space > start else cut
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 def _fill(writers: list[_Rows], docs: Iterable[tuple[int, str]], tokenizer, eos: int, bar) -> None:
     """Route (side, text) documents into ``writers[side]`` until every fed side is full."""
     fed = {side for side, w in enumerate(writers) if not w.full}
     pending: dict[int, list[str]] = {side: [] for side in fed}
+    ends: dict[int, list[bool]] = {side: [] for side in fed}
     chars = dict.fromkeys(fed, 0)
 
     def flush(side: int) -> None:
         if pending[side] and not writers[side].full:
-            bar.update(writers[side].add(_encode(tokenizer, pending[side], eos), len(pending[side])))
-        pending[side], chars[side] = [], 0
+            tokens = _encode(tokenizer, pending[side], eos, ends[side])
+            bar.update(writers[side].add(tokens, sum(ends[side])))
+        pending[side], ends[side], chars[side] = [], [], 0
 
     for side, text in docs:
         if writers[side].full:
             if all(writers[s].full for s in fed):
                 return
             continue
-        pending[side].append(text)
-        chars[side] += len(text)
-        if len(pending[side]) >= BATCH_DOCS or chars[side] >= BATCH_CHARS:
-            flush(side)
+        parts = list(pieces(text, PIECE_CHARS)) if len(text) > PIECE_CHARS else [text]
+        for i, part in enumerate(parts):
+            if writers[side].full:
+                break
+            pending[side].append(part)
+            ends[side].append(i == len(parts) - 1)  # EOS after the document's last piece only
+            chars[side] += len(part)
+            if len(pending[side]) >= BATCH_DOCS or chars[side] >= BATCH_CHARS:
+                flush(side)
     for side in fed:
         flush(side)
 

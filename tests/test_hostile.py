@@ -528,3 +528,46 @@ def test_a_study_with_too_many_configurations_is_refused_before_anything_is_writ
     with pytest.raises(UserError, match="has 8 configurations, over 7"):
         run_study(parse_config(kit.tree(repeats=2)), trials=1, out=tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_pieces_of_a_long_document_join_to_it_and_cut_before_whitespace():
+    from ablate.data import pieces
+
+    text = "one two three " * 100 + "x" * 300 + " end"
+    parts = list(pieces(text, 100))
+    assert "".join(parts) == text and len(parts) > 10
+    assert all(len(p) <= 100 for p in parts)
+    assert all(p[0] == " " for p in parts[1:4])  # cut just before a space, so no word is split
+    assert list(pieces("short", 100)) == ["short"]
+
+
+def test_a_one_line_corpus_is_tokenized_in_pieces_with_the_same_rows(tmp_path, tiny_tokenizer, monkeypatch):
+    """Issue 12 item 11: a single huge line no longer goes to the tokenizer in one call (an 18 MB one
+    took 4.4 GB); cut before spaces, the pieces give the rows the whole line gives."""
+    import numpy as np
+
+    from ablate import data
+
+    words = "the cat sat on a big red mat and the dog ran under one small blue tree".split()
+    rng = np.random.default_rng(0)
+    corpus, held_out = tmp_path / "one-line.txt", tmp_path / "held-out.txt"
+    corpus.write_text(" ".join(rng.choice(words, 6000)) + "\n")
+    held_out.write_text(" ".join(rng.choice(words, 2000)) + "\n")
+    seen: list[int] = []
+    real = data._encode
+
+    def spy(tokenizer, texts, eos, ends=None):
+        seen.append(max(map(len, texts)))
+        return real(tokenizer, texts, eos, ends)
+
+    monkeypatch.setattr(data, "_encode", spy)
+    args = dict(seq_len=32, train_tokens=2048, val_tokens=256, seed=0, progress=False)
+    src = data.DataSource(kind="files", path=str(corpus), val_path=str(held_out))
+    whole = data.load_packed(src, tiny_tokenizer, cache_dir=tmp_path / "a", **args)
+    longest_whole = max(seen)
+    seen.clear()
+    monkeypatch.setattr(data, "PIECE_CHARS", 500)
+    cut = data.load_packed(src, tiny_tokenizer, cache_dir=tmp_path / "b", **args)
+    assert max(seen) <= 500 < longest_whole
+    np.testing.assert_array_equal(np.asarray(whole.train), np.asarray(cut.train))
+    np.testing.assert_array_equal(np.asarray(whole.val), np.asarray(cut.val))
