@@ -275,6 +275,21 @@ BASE_CASES = [  # issue 12 items 1-4, 8-10, 17: each file check, through every c
                                                         "--out", str(i.root / "a-file")], "is a file, not a folder"),
 ]
 CASES += BASE_CASES
+
+
+def _corrupt_study(i: Inputs) -> str:
+    folder = i.root / "corrupt-study"
+    if not folder.exists():
+        folder.mkdir()
+        (folder / "study.json").write_bytes(b"\x00\xffnot json")
+    return str(folder)
+
+
+CASES += [  # issue 12 item 17: a corrupt study.json, read by every command that opens a study folder
+    Case("check-corrupt-study-json", "check", lambda i: [_corrupt_study(i)], "study.json is not valid JSON"),
+    Case("figures-corrupt-study-json", "figures", lambda i: ["--study", _corrupt_study(i), "--out", i.out],
+         "study.json is not valid JSON"),
+]
 COMMANDS = {c.command for c in CASES}
 
 
