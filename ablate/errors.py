@@ -8,18 +8,37 @@ genuine bugs still raise with a full traceback.
 
 from __future__ import annotations
 
+import errno
 import functools
+import shutil
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
-__all__ = ["UserError", "cli", "first_line", "one_line"]
+__all__ = ["UserError", "cli", "first_line", "one_line", "disk_full", "disk_full_message"]
 
 F = TypeVar("F", bound=Callable[..., int | None])
 
 
 class UserError(Exception):
     """A mistake in the user's input; the message names the problem and, where there is one, the fix."""
+
+
+def disk_full(exc: BaseException) -> bool:
+    """True for the errors of a full disk or an exhausted quota: the machine's, not the input's."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_message(exc: OSError) -> str:
+    """``no space left ... writing F (N MB free there)``: where, how much is left, and what to do."""
+    where = Path(exc.filename) if exc.filename else None
+    probe = where
+    while probe is not None and not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = f" ({shutil.disk_usage(probe).free / 1e6:,.0f} MB free there)" if probe is not None else ""
+    return (f"no space left on the device writing {where or 'a file'}{free}; free space or choose another --out, "
+            "then rerun the same command (finished work is kept)")
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:
@@ -61,6 +80,11 @@ def cli(main: F) -> F:
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
+        except OSError as exc:
+            if not disk_full(exc):
+                raise
+            print(f"error: {disk_full_message(exc)}", file=sys.stderr)
+            sys.exit(2)
         sys.exit(code or 0)
 
     return wrapper  # type: ignore[return-value]

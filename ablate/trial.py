@@ -36,7 +36,7 @@ import yaml
 from ablate import base as bases
 from ablate.config import StudyConfig
 from ablate.data import load_packed, tokenizer_fingerprint
-from ablate.errors import one_line
+from ablate.errors import disk_full, one_line
 from ablate.evaluate import evaluate, perplexity
 from ablate.fsutil import atomic_dir, atomic_write_json, atomic_write_text
 from ablate.moe import upcycle
@@ -235,6 +235,8 @@ class Objective:
             except (KeyboardInterrupt, SystemExit):
                 raise  # not the configuration's fault: the trial stays unrecorded and runs again
             except Exception as exc:  # any failure of this configuration is recorded, the study goes on
+                if disk_full(exc):
+                    raise  # not the configuration's fault either: the study stops with one line, a rerun runs it
                 failure = one_line(exc, with_type=True)
                 record = {**arm.to_dict(), "status": "failed", "fail_reason": failure}
             record["trial"] = trial.number

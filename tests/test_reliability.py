@@ -264,3 +264,35 @@ def test_a_worker_with_another_config_is_refused_by_the_shared_storage(home, tmp
     assert started() == 1  # the refused worker ran nothing
     run_study(first, trials=2, out=tmp_path / "c", storage=journal, progress=False)  # the same config joins
     assert started() == 2
+
+
+def test_a_full_disk_stops_the_study_in_one_line_and_charges_no_configuration(home, tmp_path, monkeypatch, capsys):
+    """Issue 12 item 14: ENOSPC mid-trial is the machine's problem, not the configuration's."""
+    import errno
+
+    from ablate import trial as trial_module
+    from ablate.study import main
+
+    config = home.write(tmp_path / "configs")
+    real = trial_module.run_trial
+
+    def full(ws, arm, out_dir, on_eval=None):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out_dir / "metrics.jsonl"))
+
+    monkeypatch.setattr(trial_module, "run_trial", full)
+    argv = ["--config", str(config), "--out", str(tmp_path / "runs"), "--trials", "2", "--quiet"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "no space left on the device writing" in lines[0] and "MB free there" in lines[0]
+    monkeypatch.setattr(trial_module, "run_trial", real)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    study_dir = tmp_path / "runs" / "tiny-study"
+    assert check_study(study_dir) == []
+    trials = optuna.load_study(study_name="tiny-study", storage=f"sqlite:///{study_dir / 'study.db'}").trials
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
+    assert not [t for t in trials if "fail_reason" in t.user_attrs]  # the full disk was charged to nobody
