@@ -571,3 +571,17 @@ def test_a_one_line_corpus_is_tokenized_in_pieces_with_the_same_rows(tmp_path, t
     assert max(seen) <= 500 < longest_whole
     np.testing.assert_array_equal(np.asarray(whole.train), np.asarray(cut.train))
     np.testing.assert_array_equal(np.asarray(whole.val), np.asarray(cut.val))
+
+
+def test_too_little_text_for_one_row_says_what_helps(tmp_path, tiny_tokenizer):
+    """Issue 12 item 18: 'lower val_tokens to at most 0' is no fix; with less than one row, say so."""
+    from ablate import data
+
+    (tmp_path / "train.txt").write_text("the cat sat on the mat. " * 200)
+    (tmp_path / "val.txt").write_text("the dog ran.\n")
+    src = data.DataSource(kind="files", path=str(tmp_path / "train.txt"), val_path=str(tmp_path / "val.txt"))
+    with pytest.raises(UserError) as info:
+        data.load_packed(src, tiny_tokenizer, seq_len=64, train_tokens=256, val_tokens=128, seed=0,
+                         cache_dir=tmp_path / "cache", progress=False)
+    message = str(info.value)
+    assert "at most 0" not in message and "less than one row of seq_len=64" in message
