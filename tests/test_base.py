@@ -202,3 +202,12 @@ def test_a_device_that_is_not_here_is_refused_before_the_study(choice, monkeypat
     with pytest.raises(UserError, match="--device"):
         resolve_device(choice)
     assert resolve_device("auto") == "cpu" == resolve_device("cpu")
+
+
+def test_a_config_with_zero_layers_says_so(good, tmp_path):
+    """Issue 12 item 18: 0 layers was reported as having no num_hidden_layers."""
+    zero = _copy(good, tmp_path / "zero")
+    _config(zero, num_hidden_layers=0)
+    for attempt in (base.depth, base.inspect):
+        with pytest.raises(UserError, match="num_hidden_layers=0; a base needs at least one decoder layer"):
+            attempt(str(zero))
