@@ -284,7 +284,10 @@ def _count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-if __name__ == "__main__":  # python -m ablate.zoo: the command lives with build_many, which it calls
-    from ablate.zoobuild import main
+if __name__ == "__main__":
+    # python -m ablate.zoo: the command lives in ablate.zoobuild, beside build_many, which it calls.
+    # Run that module as the program rather than import it here: zoobuild imports this module, and
+    # the package keeps no import cycle, not even through a script guard.
+    import runpy
 
-    main()
+    runpy.run_module("ablate.zoobuild", run_name="__main__", alter_sys=True)
