@@ -55,12 +55,36 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
     tokens_per_step: int = Field(16_384, gt=0, description="Global tokens per optimizer step; must "
                                  "be a multiple of micro_batch_size * seq_len * processes (the rest "
                                  "is gradient accumulation). 16k suits small models on a short budget.")
-    lr: float = Field(3e-4, gt=0, **Finite, description="Peak learning rate. A nuisance variable: "
-                      "fix it or tune it the same way for every m. 3e-4 is the usual small-Llama peak.")
+    lr: float | list[float] = Field(3e-4, description="Peak learning rate, or a small grid of them "
+                                    "([1e-3, 3e-3]): a nuisance variable, so a study runs every arm at every lr "
+                                    "of the grid and compares each arm at its best lr (chosen on held-out "
+                                    "loss). 3e-4 is the usual small-Llama peak.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, **Finite, description="Final learning rate as a "
                                 "fraction of lr (cosine floor; 0.1 as in Chinchilla and nanoGPT).")
-    warmup: float = Field(0.05, ge=0, lt=1, **Finite, description="Linear warmup length as a "
-                          "fraction of the optimizer steps (a fraction so it scales with the budget).")
+    warmup: float = Field(0.05, ge=0, lt=1, **Finite, description="schedule cosine: linear warmup length "
+                          "as a fraction of the optimizer steps (a fraction so it scales with the budget).")
+    schedule: Literal["cosine", "wsd"] = Field("cosine", description="cosine: warmup then cosine decay to "
+                                               "min_lr over the one budget `tokens`. wsd (warmup-stable-decay): "
+                                               "warmup, constant lr, then a cooldown over the last `cooldown` "
+                                               "fraction of each budget point of `budgets`, each cooldown a "
+                                               "branch forked off the constant-lr run (Hägele et al. 2024).")
+    budgets: list[int] | None = Field(None, description="schedule wsd: the budget points in tokens, ascending, "
+                                      "the last equal to `tokens` (default [tokens]); every point is evaluated "
+                                      "and recorded. A branch at b equals, bit for bit on CPU, a run with "
+                                      "tokens: b and budgets: [b].")
+    cooldown: float = Field(0.2, gt=0, lt=1, **Finite, description="schedule wsd: the cooldown's share of each "
+                            "budget point (0.2: the last 20% of its steps decay the lr to min_lr).")
+    decay: Literal["1-sqrt", "linear"] = Field("1-sqrt", description="schedule wsd: the cooldown's shape, "
+                                               "lr * (1 - sqrt(t)) or lr * (1 - t) from the peak to min_lr "
+                                               "(1-sqrt matched cosine in Hägele et al. 2024; linear did not).")
+    warmup_tokens: int | None = Field(None, ge=0, description="Warmup in tokens (rounded to whole steps); "
+                                      "schedule wsd needs it, since its warmup must not depend on the budget "
+                                      "points; with cosine it replaces the `warmup` fraction.")
+    branch_state: Literal["memory", "disk"] = Field("memory", description="schedule wsd: where the state at a "
+                                                    "fork waits while its branch trains: a copy in memory "
+                                                    "(parameters and AdamW moments: about 3x the fp32 weights) "
+                                                    "or a checkpoint file in the trial folder (for models where a "
+                                                    "second copy does not fit).")
     weight_decay: float = Field(0.1, ge=0, **Finite, description="AdamW decoupled weight decay on "
                                 "matrices and embeddings only, never on norms or biases (Llama: 0.1).")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas; beta2=0.95 is the "
@@ -84,6 +108,65 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
     compile: bool = Field(False, description="torch.compile the model before training (faster "
                           "steps after a one-off compile of tens of seconds; off by default so "
                           "short runs and tests do not pay it).")
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _tokens_from_budgets(cls, data):
+        """``budgets`` alone gives ``tokens``: the last budget point is the whole run."""
+        if isinstance(data, dict) and data.get("tokens") is None and isinstance(data.get("budgets"), list) \
+                and data["budgets"] and all(isinstance(b, int) for b in data["budgets"]):
+            data = {**data, "tokens": max(data["budgets"])}
+        return data
+
+    @pydantic.field_validator("lr")
+    @classmethod
+    def _lrs(cls, lr):
+        values = lr if isinstance(lr, list) else [lr]
+        if not values:
+            raise ValueError("the lr grid is empty; give one lr or a list of them")
+        if not all(math.isfinite(v) and v > 0 for v in values):
+            raise ValueError(f"every lr must be a positive finite number, got {lr}")
+        if len(set(values)) != len(values):
+            raise ValueError(f"the lr grid {lr} repeats a value")
+        if isinstance(lr, list) and len(lr) == 1:
+            return lr[0]
+        return lr
+
+    @pydantic.field_validator("budgets")
+    @classmethod
+    def _budgets(cls, budgets):
+        if budgets is not None:
+            if not budgets:
+                raise ValueError("the budget list is empty; list at least one budget point, or remove the key")
+            if any(b <= 0 for b in budgets):
+                raise ValueError(f"budget points must be positive token counts, got {budgets}")
+            if list(budgets) != sorted(set(budgets)):
+                raise ValueError(f"budget points {budgets} must be strictly increasing")
+        return budgets
+
+    @pydantic.model_validator(mode="after")
+    def _schedule(self):
+        if self.budgets is not None:
+            if self.schedule != "wsd":
+                raise ValueError("budgets need schedule: wsd (each budget point is a cooldown branch); "
+                                 "set train.schedule=wsd or remove train.budgets")
+            if self.budgets[-1] != self.tokens:
+                raise ValueError(f"the last budget point {self.budgets[-1]} must equal tokens={self.tokens}; set "
+                                 "tokens to it, or leave tokens out (it defaults to the last budget point)")
+        if self.schedule == "wsd" and self.warmup_tokens is None:
+            raise ValueError("schedule wsd needs train.warmup_tokens (the warmup in tokens, the same for every "
+                             "budget point; e.g. a tenth of the first budget point)")
+        return self
+
+    @property
+    def lr_grid(self) -> list[float]:
+        """The learning rates a study runs every arm at (one, or the grid)."""
+        return list(self.lr) if isinstance(self.lr, list) else [self.lr]
+
+    @property
+    def budget_points(self) -> list[int]:
+        """The budget points in tokens: ``budgets``, or the one budget ``tokens``."""
+        return list(self.budgets) if self.budgets else [self.tokens]
 
     @pydantic.field_validator("betas")
     @classmethod
