@@ -20,7 +20,8 @@ held-out data (``val_split`` for the hub, ``val_path`` for files).
 
 Packing: documents are batch-tokenized (no special tokens), each followed by EOS, concatenated
 and cut into rows; a tail short of a row is dropped. Each row goes straight to its shuffled place
-(numpy Generator of the seed) in a memory-mapped ``.npy``, so memory stays flat at any budget.
+within its window of SHUFFLE_WINDOW rows (so the first r rows are the same whatever the budget) in a
+memory-mapped ``.npy``, so memory stays flat at any budget.
 The cache, ``ablate_home()/data/<key>/{train.npy,val.npy,meta.json}``, is written with
 :func:`~ablate.fsutil.atomic_dir` and reloaded memory-mapped.
 """
@@ -48,8 +49,9 @@ from ablate.synthetic import iter_documents
 
 __all__ = ["PackedData", "DataSource", "parse_source", "load_packed", "tokenizer_fingerprint"]
 
-CACHE_VERSION = 2  # bump when the packing or the cache layout changes: old caches then miss
-# (2: documents longer than PIECE_CHARS are tokenized in pieces)
+CACHE_VERSION = 3  # bump when the packing or the cache layout changes: old caches then miss
+# (2: documents longer than PIECE_CHARS are tokenized in pieces; 3: rows shuffled within windows)
+SHUFFLE_WINDOW = 256  # rows shuffled together: 32k tokens at seq_len 128, 512k at 2048 (see _Rows)
 BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 BATCH_DOCS = 1024  # documents per tokenizer call: large enough for the Rust batch encoder
 BATCH_CHARS = 4 << 20  # ...but at most ~4 MB of text per call, so long documents stay bounded
@@ -72,6 +74,13 @@ class PackedData:
     val: np.ndarray  # int32 [num_val_rows, seq_len]
     seq_len: int
     source: str  # a human-readable description of where the tokens came from
+    # ``train`` and the rest of its last shuffle window (see _Rows): a data order that shuffles rows
+    # within whole windows reads from here. None: ``train`` itself.
+    pool: np.ndarray | None = None
+
+    @property
+    def train_pool(self) -> np.ndarray:
+        return self.train if self.pool is None else self.pool
 
     @property
     def train_tokens(self) -> int:
@@ -196,9 +205,10 @@ def load_packed(source: str | os.PathLike | DataSource, tokenizer, *, seq_len: i
     folder = Path(cache_dir if cache_dir is not None else ablate_home() / "data") / key
     if not (folder / "meta.json").is_file():
         _build_entry(folder, payload, src, tokenizer, seq_len, train_rows, val_rows, seed, progress)
-    train = np.load(folder / "train.npy", mmap_mode="r")
+    pool = np.load(folder / "train.npy", mmap_mode="r")
     val = np.load(folder / "val.npy", mmap_mode="r")
-    return PackedData(train=train, val=val, seq_len=seq_len, source=src.describe())
+    return PackedData(train=pool[:train_rows], val=val[:val_rows], seq_len=seq_len, source=src.describe(),
+                      pool=pool)
 
 
 def _build_entry(folder: Path, payload: dict, src: DataSource, tokenizer, seq_len: int, train_rows: int,
@@ -415,29 +425,79 @@ def _is_val(text: str, seed: int, fraction: float) -> bool:
 
 
 class _Rows:
-    """Fills a memory-mapped int32 [rows, seq_len] array; the i-th packed row goes to perm[i]."""
+    """Fills a memory-mapped int32 array with packed rows of ``seq_len`` tokens, shuffled within windows.
 
-    def __init__(self, path: Path, rows: int, seq_len: int, perm: np.ndarray):
-        self.out = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=(rows, seq_len))
-        self.rows, self.seq_len, self.perm = rows, seq_len, perm
+    Prefix-stable by design (the budget axis needs it: a run of b tokens must see the first b
+    tokens of a longer run): the packed rows are shuffled within consecutive windows of
+    SHUFFLE_WINDOW rows, window w by its own permutation (a generator keyed by (seed, side, w)), so
+    the first r rows are the same whatever the total. A whole-array permutation, as before, changed
+    every row with the budget. The last window is read whole when the text allows (at most
+    SHUFFLE_WINDOW - 1 rows more than asked), and the file keeps every row read: the asked rows are
+    its first ``rows``, and a study's repeats reorder rows within whole windows (``train.row_order``).
+    When the text ends inside the last window, that window's rows move up in the order of their
+    shuffled places (a valid shuffle, just not prefix-stable inside that one window).
+    """
+
+    def __init__(self, path: Path, rows: int, seq_len: int, key: tuple[int, int]):
+        self.path, self.rows, self.seq_len, self.key = path, rows, seq_len, key
+        self.capacity = -(-rows // SHUFFLE_WINDOW) * SHUFFLE_WINDOW  # whole windows
+        self.scratch = path.with_name(path.name + ".part")
+        self.out = np.lib.format.open_memmap(self.scratch, mode="w+", dtype=np.int32, shape=(self.capacity, seq_len))
+        self.last = self.capacity - SHUFFLE_WINDOW  # the last window's first row
+        self.tail: list[int] = []  # places filled in the last window
         self.pending = np.empty(0, np.int32)
         self.filled = self.tokens = self.docs = 0
 
     @property
     def full(self) -> bool:
-        return self.filled == self.rows
+        """Every row of every window packed: nothing more to read."""
+        return self.filled == self.capacity
+
+    @property
+    def enough(self) -> bool:
+        """At least ``rows`` rows packed."""
+        return self.filled >= self.rows
+
+    def places(self, start: int, count: int) -> np.ndarray:
+        """Shuffled places of packed rows ``start .. start + count`` (all in one window)."""
+        w, j = divmod(start, SHUFFLE_WINDOW)
+        perm = np.random.default_rng([*self.key, w]).permutation(SHUFFLE_WINDOW)
+        return w * SHUFFLE_WINDOW + perm[j:j + count]
 
     def add(self, tokens: np.ndarray, docs: int) -> int:
         """Append a token stream; returns how many tokens went into rows."""
         self.tokens += tokens.size
         self.docs += docs
         buf = np.concatenate([self.pending, tokens])
-        k = min(buf.size // self.seq_len, self.rows - self.filled)
-        if k:
-            self.out[self.perm[self.filled:self.filled + k]] = buf[:k * self.seq_len].reshape(k, -1)
-            self.filled += k
+        k = min(buf.size // self.seq_len, self.capacity - self.filled)
+        rows = buf[:k * self.seq_len].reshape(k, -1)
+        done = 0
+        while done < k:  # window by window
+            count = min(k - done, SHUFFLE_WINDOW - (self.filled % SHUFFLE_WINDOW))
+            places = self.places(self.filled, count)
+            self.out[places] = rows[done:done + count]
+            if self.filled >= self.last:
+                self.tail.extend(places.tolist())
+            self.filled += count
+            done += count
         self.pending = buf[k * self.seq_len:] if not self.full else buf[:0]
         return k * self.seq_len
+
+    def finish(self) -> None:
+        """Write ``path``: every row read (the last window compacted when the text ended inside it)."""
+        if self.full:
+            self.out.flush()
+            del self.out
+            os.replace(self.scratch, self.path)
+            return
+        places = sorted(self.tail)
+        self.out[self.last:self.last + len(places)] = self.out[places]
+        final = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.int32, shape=(self.filled, self.seq_len))
+        for i in range(0, self.filled, SHUFFLE_WINDOW):
+            final[i:i + SHUFFLE_WINDOW] = self.out[i:min(i + SHUFFLE_WINDOW, self.filled)]
+        final.flush()
+        del self.out, final
+        os.unlink(self.scratch)
 
 
 def _encode(tokenizer, texts: list[str], eos: int, ends: list[bool] | None = None) -> np.ndarray:
@@ -502,14 +562,12 @@ def _build(tmp: Path, src: DataSource, tokenizer, seq_len: int, train_rows: int,
     eos = tokenizer.eos_token_id
     if eos is None:
         raise UserError("the tokenizer has no eos_token; set tokenizer.eos_token before packing")
-    # one Generator per side, so the val order does not depend on the train budget
-    perms = [np.random.default_rng([seed, side]).permutation(n)
-             for side, n in enumerate((train_rows, val_rows))]
-    writers = [_Rows(tmp / "train.npy", train_rows, seq_len, perms[0]),
-               _Rows(tmp / "val.npy", val_rows, seq_len, perms[1])]
+    # one shuffle stream per side, so the val rows do not depend on the train budget
+    writers = [_Rows(tmp / "train.npy", train_rows, seq_len, (seed, 0)),
+               _Rows(tmp / "val.npy", val_rows, seq_len, (seed, 1))]
     start = time.perf_counter()
     train_docs, val_docs = _streams(src, seed)
-    with tqdm(total=(train_rows + val_rows) * seq_len, unit="tok", unit_scale=True, delay=2,
+    with tqdm(total=sum(w.capacity for w in writers) * seq_len, unit="tok", unit_scale=True, delay=2,
               disable=not progress, desc=f"packing {src.describe()}") as bar:
         if val_docs is None:
             routed = ((int(_is_val(t, seed, src.val_fraction)), t) for t in train_docs)
@@ -519,7 +577,7 @@ def _build(tmp: Path, src: DataSource, tokenizer, seq_len: int, train_rows: int,
             _fill(writers, ((1, t) for t in val_docs), tokenizer, eos, bar)
     _check_enough(src, writers, seq_len)
     for w in writers:
-        w.out.flush()
+        w.finish()
     return {"train_documents_read": writers[0].docs, "val_documents_read": writers[1].docs,
             "seconds": round(time.perf_counter() - start, 3)}
 
@@ -527,7 +585,7 @@ def _build(tmp: Path, src: DataSource, tokenizer, seq_len: int, train_rows: int,
 def _check_enough(src: DataSource, writers: list[_Rows], seq_len: int) -> None:
     problems = []
     for w, name in zip(writers, ("train", "val"), strict=True):
-        if not w.full:
+        if not w.enough:
             most = w.tokens // seq_len * seq_len
             # "lower val_tokens to at most 0" is no fix: with less than one row, only more text helps
             fix = f"lower {name}_tokens to at most {most:,}" if most else \

@@ -13,11 +13,12 @@ rank reads a disjoint slice of each step's rows, so the global tokens per step s
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -26,7 +27,7 @@ import pydantic
 import torch
 from pydantic import Field
 
-from ablate.data import PackedData
+from ablate.data import SHUFFLE_WINDOW, PackedData
 from ablate.errors import UserError
 from ablate.torchutil import evaluating
 
@@ -37,6 +38,9 @@ __all__ = [
     "TrainResult",
     "continue_pretraining",
     "lr_at",
+    "wsd_lr_at",
+    "BudgetPoint",
+    "plan_points",
     "plan_budget",
     "resolve_precision",
     "row_order",
@@ -203,7 +207,10 @@ class TrainResult:
     precision: str  # resolved: "bf16" or "fp32"
     device: str
     num_processes: int
-    val_losses: list[tuple[int, float]]  # (step, held-out loss) for every evaluation
+    val_losses: list[tuple[int, float]]  # (step, held-out loss) for every evaluation of the main run
+    schedule: str = "cosine"
+    points: list[dict] = field(default_factory=list)  # one per budget point reached (see continue_pretraining)
+    branch_tokens: int = 0  # tokens trained in cooldown branches, on top of ``tokens``
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -229,6 +236,73 @@ def lr_at(step: int, total_steps: int, *, lr: float, warmup_steps: int, min_lr_r
     ratio = (step - warmup_steps) / decay_steps
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
     return min_lr + coeff * (lr - min_lr)
+
+
+def wsd_lr_at(step: int, point: BudgetPoint, *, lr: float, warmup_steps: int, min_lr_ratio: float,
+              decay: str = "1-sqrt") -> float:
+    """Learning rate of optimizer step ``step`` (0-based) on the way to budget point ``point`` (schedule wsd).
+
+    Linear warmup (as in :func:`lr_at`), the peak until the point's fork, then its cooldown: step
+    ``fork_step + i`` (i = 0 .. cooldown_steps - 1) decays with t = (i + 1) / cooldown_steps to
+    ``min_lr + (lr - min_lr) * (1 - t)`` (linear) or ``... * (1 - sqrt(t))`` (1-sqrt, Hägele et al.
+    2024), so the point's last step is at the floor ``min_lr``.
+    """
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if step < point.fork_step:
+        return lr
+    t = min(1.0, (step - point.fork_step + 1) / point.cooldown_steps)
+    factor = 1.0 - (t if decay == "linear" else math.sqrt(t))
+    min_lr = lr * min_lr_ratio
+    return min_lr + (lr - min_lr) * factor
+
+
+@dataclass(frozen=True)
+class BudgetPoint:
+    """One budget point of a wsd run: ``steps`` optimizer steps, the last ``cooldown_steps`` decaying."""
+
+    index: int  # 0-based position in the budget list
+    tokens: int  # tokens trained by the point's end: steps * tokens_per_step
+    steps: int
+    cooldown_steps: int
+    final: bool  # the run's last point: the main run's own cooldown, not a branch
+
+    @property
+    def fork_step(self) -> int:
+        """Steps at the constant rate before this point's cooldown starts (where its branch forks)."""
+        return self.steps - self.cooldown_steps
+
+
+def plan_points(config: TrainConfig) -> list[BudgetPoint]:
+    """The budget points of ``config`` in whole steps (one point for schedule cosine)."""
+    points = config.budget_points
+    out = []
+    for i, b in enumerate(points):
+        steps = b // config.tokens_per_step
+        if steps == 0:
+            raise UserError(f"the budget point {b} is smaller than one step (tokens_per_step="
+                            f"{config.tokens_per_step}); raise it or lower tokens_per_step")
+        if out and steps == out[-1].steps:
+            raise UserError(f"the budget points {out[-1].tokens} and {b} are the same number of steps of "
+                            f"{config.tokens_per_step} tokens; space them at least one step apart")
+        cool = max(1, round(config.cooldown * steps)) if config.schedule == "wsd" else 0
+        out.append(BudgetPoint(index=i, tokens=steps * config.tokens_per_step, steps=steps, cooldown_steps=cool,
+                               final=i == len(points) - 1))
+    if config.schedule == "wsd":
+        warmup = warmup_steps(config, out[-1].steps)
+        first = out[0]
+        if warmup > first.fork_step:
+            raise UserError(f"the warmup ({warmup} steps, warmup_tokens={config.warmup_tokens}) ends after the "
+                            f"first budget point's cooldown starts (step {first.fork_step} of {first.steps}); "
+                            "lower warmup_tokens or raise the first budget point")
+    return out
+
+
+def warmup_steps(config: TrainConfig, total_steps: int) -> int:
+    """Warmup steps: ``warmup_tokens`` in whole steps when given, else the ``warmup`` fraction (cosine)."""
+    if config.warmup_tokens is not None:
+        return round(config.warmup_tokens / config.tokens_per_step)
+    return int(config.warmup * total_steps)
 
 
 def plan_budget(config: TrainConfig, *, seq_len: int, num_train_rows: int,
@@ -287,12 +361,26 @@ def _rows(array: np.ndarray, start: int, count: int, device: torch.device,
     return torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(device)
 
 
-def row_order(seed: int | None, num_rows: int) -> np.ndarray | None:
-    """The permutation of the first ``num_rows`` training rows for ``data_order_seed``, or None."""
+def row_order(seed: int | None, num_rows: int, available: int | None = None) -> np.ndarray | None:
+    """Which pool rows the first ``num_rows`` training rows are, for ``data_order_seed``; None: in order.
+
+    Rows are shuffled within windows of SHUFFLE_WINDOW rows of the packed pool (``PackedData.pool``:
+    the train rows and the rest of their last window), each window by its own permutation, so the
+    order is prefix-stable: the first r rows are the same whatever the budget (a branch at b tokens
+    equals a run of b tokens). A budget that ends inside a window reads some rows of that window
+    from past its own rows; ``available`` (default ``num_rows``) is how many rows the pool has.
+    """
     if seed is None:
         return None
-    # a stream of its own (not seed's torch/numpy state), so the order is the same on every rank
-    return np.random.default_rng([seed, 0x0DA7A]).permutation(num_rows)
+    available = num_rows if available is None else available
+    out = np.empty(num_rows, dtype=np.int64)
+    for start in range(0, num_rows, SHUFFLE_WINDOW):
+        size = min(SHUFFLE_WINDOW, available - start)
+        # a stream of its own (not seed's torch/numpy state), so the order is the same on every rank
+        perm = np.random.default_rng([seed, 0x0DA7A, start // SHUFFLE_WINDOW]).permutation(size)
+        count = min(SHUFFLE_WINDOW, num_rows - start)
+        out[start:start + count] = start + perm[:count]
+    return out
 
 
 def _val_loss(model, data: PackedData, config: TrainConfig, accelerator, autocast) -> float:
@@ -316,6 +404,7 @@ def _val_loss(model, data: PackedData, config: TrainConfig, accelerator, autocas
 
 def continue_pretraining(model: torch.nn.Module, data: PackedData, config: TrainConfig, *,
                          on_eval: Callable[[int, int, float], bool | None] | None = None,
+                         on_point: Callable[[BudgetPoint, dict], bool | None] | None = None,
                          out_dir: str | Path | None = None, progress: bool = True,
                          cpu: bool = False) -> TrainResult:
     """Train ``model`` in place on ``data.train`` rows in order for the token budget of ``config``.
@@ -328,6 +417,15 @@ def continue_pretraining(model: torch.nn.Module, data: PackedData, config: Train
     A non-finite loss or gradient norm ends it at once with status "diverged" (no update is
     applied). With ``out_dir``, writes ``train_config.json``, ``metrics.jsonl`` (one line per
     step) and ``train_result.json`` there.
+
+    Schedule wsd: the run trains at the constant peak rate and, at each budget point's fork but the
+    last, saves its state (model, AdamW moments, RNG; in memory or, with ``branch_state: disk``, in
+    ``out_dir/fork.pt``), trains the point's cooldown on the next rows of the same order (a branch),
+    calls ``on_point(point, info)`` with the model as it is at the point's end, and restores the
+    state: the main run goes on as if the branch had never been, and the branch is, bit for bit on
+    a CPU, the run with ``tokens: b, budgets: [b]``. The last point is the main run's own cooldown.
+    ``on_point`` runs on every process (an evaluation may be collective); returning True stops the
+    run ("stopped"). Under schedule cosine it is called once, at the end, for the one point.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -338,11 +436,14 @@ def continue_pretraining(model: torch.nn.Module, data: PackedData, config: Train
     # because accelerate's mixed_precision is process-global and cannot change between trials.
     # cpu=True without CUDA: else a multi-process launch on CPUs silently runs unsynchronised.
     accelerator = Accelerator(cpu=cpu or not torch.cuda.is_available())
+    if isinstance(config.lr, list):
+        raise UserError(f"lr={config.lr} is a grid: a study runs one lr per trial; pass one lr to train")
     if data.val.shape[0] < config.eval_rows:
         raise UserError(f"eval_rows={config.eval_rows} but data.val has {data.val.shape[0]} rows; "
                         "lower eval_rows or build more validation data")
     budget = plan_budget(config, seq_len=data.seq_len, num_train_rows=int(data.train.shape[0]),
                          num_processes=accelerator.num_processes)
+    points = plan_points(config)
     precision = resolve_precision(config.precision, accelerator.device)
     if accelerator.mixed_precision not in ("no", precision):
         raise UserError(f"accelerate was launched with mixed_precision={accelerator.mixed_precision}"
@@ -360,8 +461,9 @@ def continue_pretraining(model: torch.nn.Module, data: PackedData, config: Train
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
     forward = torch.compile(ddp_model) if config.compile else ddp_model
     aux_coef = getattr(model.config, "router_aux_loss_coef", 0.0)
-    warmup_steps = int(config.warmup * budget.steps)
-    order = row_order(config.data_order_seed, budget.steps * budget.rows_per_step)
+    warmup = warmup_steps(config, budget.steps)
+    pool = data.train if config.data_order_seed is None else data.train_pool
+    order = row_order(config.data_order_seed, budget.steps * budget.rows_per_step, int(pool.shape[0]))
     rows_per_rank = budget.rows_per_step // world
     main = accelerator.is_main_process
     out = Path(out_dir) if out_dir is not None and main else None
@@ -375,64 +477,125 @@ def continue_pretraining(model: torch.nn.Module, data: PackedData, config: Train
         if metrics is not None:
             metrics.write(json.dumps(record) + "\n")
 
+    def lr_of(step: int, point: BudgetPoint) -> float:  # step: 0-based
+        if config.schedule == "cosine":
+            return lr_at(step, budget.steps, lr=config.lr, warmup_steps=warmup, min_lr_ratio=config.min_lr_ratio)
+        return wsd_lr_at(step, point, lr=config.lr, warmup_steps=warmup, min_lr_ratio=config.min_lr_ratio,
+                         decay=config.decay)
+
+    clock = {"train_s": 0.0, "steps": 0}  # every optimizer step taken, branches included
+
+    def train_step(step: int, lr: float) -> dict | None:
+        """One optimizer step (1-based ``step``) at rate ``lr``; None when the loss or gradient is not finite."""
+        t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        losses = torch.zeros(2, device=device)  # (loss, aux loss) summed over micro-batches
+        first_row = (step - 1) * budget.rows_per_step + rank * rows_per_rank
+        has_aux = False
+        for k in range(budget.accum_steps):
+            ids = _rows(pool, first_row + k * config.micro_batch_size, config.micro_batch_size, device, order)
+            last = k == budget.accum_steps - 1
+            sync = contextlib.nullcontext() if last else accelerator.no_sync(ddp_model)
+            with sync:
+                with autocast():
+                    outputs = forward(input_ids=ids, labels=ids)
+                accelerator.backward(outputs.loss / budget.accum_steps)
+            aux = getattr(outputs, "aux_loss", None)
+            has_aux = aux is not None
+            losses += torch.stack([outputs.loss.detach().float(),
+                                   aux.detach().float() if aux is not None else losses[1] * 0])
+        losses = accelerator.reduce(losses, reduction="mean") / budget.accum_steps
+        max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        loss, aux_loss, grad_norm = losses[0].item(), losses[1].item(), float(grad_norm)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        clock["train_s"] += time.perf_counter() - t0
+        clock["steps"] += 1
+        record = {"step": step, "tokens": step * config.tokens_per_step, "train_loss": loss, "lr": lr,
+                  "grad_norm": grad_norm, "tokens_per_s": clock["steps"] * config.tokens_per_step / clock["train_s"]}
+        if has_aux:
+            record.update(aux_loss=aux_loss, lm_loss=loss - aux_coef * aux_loss)
+        return record
+
+    def finish_point(point: BudgetPoint, steps_done: int, val: float | None, status: str) -> bool:
+        info = {"budget_tokens": point.tokens, "steps": steps_done, "tokens": steps_done * config.tokens_per_step,
+                "cooldown_steps": point.cooldown_steps, "fork_step": point.fork_step,
+                "branch": not point.final, "val_loss": val, "status": status}
+        done_points.append(info)
+        if on_point is None or status != "completed":
+            return False
+        with evaluating(model):
+            stop = on_point(point, info)
+        return bool(stop)
+
+    def branch(point: BudgetPoint) -> bool:
+        """Train ``point``'s cooldown from the current state, hand it to on_point, restore the state."""
+        saved = _save_state(model, optimizer, device, out / "fork.pt" if config.branch_state == "disk" and
+                            out is not None else None)
+        status, step, val = "completed", point.fork_step, None
+        try:
+            for step in range(point.fork_step + 1, point.steps + 1):
+                record = train_step(step, lr_of(step - 1, point))
+                if record is None:
+                    status, step = "diverged", step - 1
+                    break
+                log({**record, "branch": point.tokens})
+                bar.update()
+            if status == "completed":
+                val = _val_loss(ddp_model, data, config, accelerator, autocast)
+                log({"step": step, "tokens": step * config.tokens_per_step, "val_loss": val, "branch": point.tokens})
+            return finish_point(point, step, val, status)
+        finally:
+            _restore_state(model, optimizer, saved)
+            model.train()
+
     initial = _val_loss(ddp_model, data, config, accelerator, autocast)
     log({"step": 0, "tokens": 0, "val_loss": initial})
     val_losses: list[tuple[int, float]] = [(0, initial)]
+    done_points: list[dict] = []
     status, reason, step, train_loss = "completed", "", 0, None
-    train_s = 0.0
-    bar = tqdm(total=budget.steps, unit="step", disable=not (progress and main), dynamic_ncols=True)
+    final = points[-1]
+    forks = [p for p in points if not p.final]
+    total_steps = budget.steps + sum(p.cooldown_steps for p in forks)
+    bar = tqdm(total=total_steps, unit="step", disable=not (progress and main), dynamic_ncols=True)
     try:
         for step in range(1, budget.steps + 1):
-            t0 = time.perf_counter()
-            lr = lr_at(step - 1, budget.steps, lr=config.lr, warmup_steps=warmup_steps,
-                       min_lr_ratio=config.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            losses = torch.zeros(2, device=device)  # (loss, aux loss) summed over micro-batches
-            first_row = (step - 1) * budget.rows_per_step + rank * rows_per_rank
-            for k in range(budget.accum_steps):
-                ids = _rows(data.train, first_row + k * config.micro_batch_size,
-                            config.micro_batch_size, device, order)
-                last = k == budget.accum_steps - 1
-                sync = contextlib.nullcontext() if last else accelerator.no_sync(ddp_model)
-                with sync:
-                    with autocast():
-                        outputs = forward(input_ids=ids, labels=ids)
-                    accelerator.backward(outputs.loss / budget.accum_steps)
-                aux = getattr(outputs, "aux_loss", None)
-                has_aux = aux is not None
-                losses += torch.stack([outputs.loss.detach().float(),
-                                       aux.detach().float() if aux is not None else losses[1] * 0])
-            losses = accelerator.reduce(losses, reduction="mean") / budget.accum_steps
-            max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-            loss, aux_loss, grad_norm = losses[0].item(), losses[1].item(), float(grad_norm)
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            stop = False
+            for point in forks:
+                if point.fork_step == step - 1:
+                    stop = branch(point) or stop
+            if stop:
+                step -= 1
+                status = "stopped"
+                reason = f"on_point asked to stop after budget point {done_points[-1]['budget_tokens']}"
+                break
+            record = train_step(step, lr_of(step - 1, final))
+            if record is None:
                 status = "diverged"
-                reason = f"non-finite loss {loss} / grad norm {grad_norm} at step {step}"
+                reason = f"non-finite loss / grad norm at step {step}"
                 step -= 1  # the update of this step was not applied; train_loss stays the last finite
                 break
-            train_loss = loss
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            train_s += time.perf_counter() - t0
-            tokens = step * config.tokens_per_step
-            record = {"step": step, "tokens": tokens, "train_loss": train_loss, "lr": lr,
-                      "grad_norm": grad_norm, "tokens_per_s": tokens / train_s}
-            if has_aux:
-                record.update(aux_loss=aux_loss, lm_loss=train_loss - aux_coef * aux_loss)
-            stop = False
+            train_loss = record["train_loss"]
             if step % config.eval_every == 0 or step == budget.steps:
                 val = _val_loss(ddp_model, data, config, accelerator, autocast)
                 record["val_loss"] = val
                 val_losses.append((step, val))
-                stop = _ask(on_eval, step, tokens, val, accelerator)
+                stop = _ask(on_eval, step, record["tokens"], val, accelerator)
             log(record)
-            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens / train_s:,.0f}")
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
             bar.update()
             if stop:
                 status, reason = "stopped", f"on_eval asked to stop after step {step}"
                 break
+        if status == "completed":
+            bar.close()
+            if finish_point(final, step, val_losses[-1][1], "completed"):
+                status, reason = "stopped", f"on_point asked to stop after budget point {final.tokens}"
     finally:
         bar.close()
         if metrics is not None:
@@ -442,16 +605,51 @@ def continue_pretraining(model: torch.nn.Module, data: PackedData, config: Train
         model.eval()
     if status == "completed":
         reason = f"trained {budget.tokens} tokens in {budget.steps} steps"
+        if forks:
+            reason += f", plus {sum(p.cooldown_steps for p in forks) * config.tokens_per_step} tokens of " \
+                      f"{len(forks)} cooldown branches"
+    elif status == "diverged" and not reason:
+        reason = f"non-finite loss at step {step}"
+    branch_tokens = sum(p["steps"] - p["fork_step"] for p in done_points if p["branch"]) * config.tokens_per_step
     result = TrainResult(
         status=status, reason=reason, steps=step, tokens=step * config.tokens_per_step,
         budget_tokens=budget.tokens,
         final_val_loss=None if status == "diverged" else val_losses[-1][1],
         initial_val_loss=initial, train_loss=train_loss, wall_s=time.perf_counter() - start,
-        tokens_per_s=step * config.tokens_per_step / train_s if train_s else 0.0,
-        precision=precision, device=str(device), num_processes=world, val_losses=val_losses)
+        tokens_per_s=clock["steps"] * config.tokens_per_step / clock["train_s"] if clock["train_s"] else 0.0,
+        precision=precision, device=str(device), num_processes=world, val_losses=val_losses,
+        schedule=config.schedule, points=done_points, branch_tokens=branch_tokens)
     if out is not None:
         (out / "train_result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return result
+
+
+def _save_state(model: torch.nn.Module, optimizer, device: torch.device, path: Path | None) -> dict:
+    """What a branch must give back: parameters and buffers, AdamW's state, the RNG streams.
+
+    In memory by default (about 3x the fp32 weights: parameters and two moments); with ``path``
+    a checkpoint file, for models where a second copy does not fit (it is read back and deleted).
+    """
+    state = {"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+             "optimizer": copy.deepcopy(optimizer.state_dict()),
+             "rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+    if path is None:
+        return state
+    torch.save(state, path)
+    return {"path": path}
+
+
+def _restore_state(model: torch.nn.Module, optimizer, saved: dict) -> None:
+    if "path" in saved:
+        path = saved["path"]
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        path.unlink()
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    torch.set_rng_state(saved["rng"])
+    if saved["cuda_rng"] is not None:
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
 
 
 def _ask(on_eval, step: int, tokens: int, val: float, accelerator) -> bool:

@@ -122,18 +122,27 @@ def seen_training_rows(model) -> list[tuple]:
 
 
 def test_data_order_seed_reorders_the_budget_rows_and_nothing_else():
-    data, config = random_data(train_rows=96), small_config()  # the budget is 64 of the 96 rows
-    budget_rows = [tuple(r) for r in data.train[:64].tolist()]
+    from ablate.data import SHUFFLE_WINDOW as W
+
+    data = random_data(train_rows=W + 32)
+    config = small_config(tokens=W * SEQ)  # the budget is one whole shuffle window: 16 steps of 16 rows
+    budget_rows = [tuple(r) for r in data.train[:W].tolist()]
     runs = {}
     for seed in (None, 1, 2):
         model = tiny_model(num_layers=2)
         runs[seed] = seen_training_rows(model)
-        continue_pretraining(model, data, small_config(data_order_seed=seed), progress=False)
+        continue_pretraining(model, data, config.model_copy(update={"data_order_seed": seed}), progress=False)
     assert runs[None] == budget_rows  # default: the stored order
     for seed in (1, 2):  # the same rows, each once, in another order
         assert sorted(runs[seed]) == sorted(budget_rows) and runs[seed] != budget_rows
     assert runs[1] != runs[2]
     assert config.data_order_seed is None
+    # a budget that ends inside a window takes distinct rows of that window, not only its own first rows
+    model = tiny_model(num_layers=2)
+    part = seen_training_rows(model)
+    continue_pretraining(model, data, small_config(data_order_seed=1), progress=False)  # 64 rows
+    assert len(part) == 64 and set(part) <= set(budget_rows) and sorted(part) != sorted(budget_rows[:64])
+    assert part == runs[1][:64]  # prefix-stable: the first 64 rows of the whole window's order
 
 
 def test_two_cpu_runs_give_bit_identical_weights():

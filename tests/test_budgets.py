@@ -1,0 +1,144 @@
+"""The budget axis in ablate.train: the wsd schedule, cooldown branches forked off one run, and the
+standalone runs they must equal bit for bit on a CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pydantic
+import pytest
+import torch
+from conftest import tiny_model
+from test_train import SEQ, random_data
+
+from ablate.errors import UserError
+from ablate.train import BudgetPoint, TrainConfig, continue_pretraining, plan_points, row_order, wsd_lr_at
+
+STEP = 16 * SEQ  # tokens per step: 2 micro-batches of 8 rows
+
+
+def wsd(budgets, **overrides) -> TrainConfig:
+    kwargs = dict(tokens=budgets[-1], budgets=budgets, schedule="wsd", warmup_tokens=STEP, cooldown=0.25,
+                  micro_batch_size=8, tokens_per_step=STEP, lr=3e-3, eval_every=3, eval_rows=8, precision="fp32")
+    return TrainConfig(**{**kwargs, **overrides})
+
+
+def state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def run(config, data, seed=0, order_seed=None):
+    """Train a fresh tiny model; return its result and a snapshot of the model at every point's end."""
+    model = tiny_model("llama", 2, seed=seed)
+    seen = {}
+
+    def on_point(point, info):
+        seen[point.tokens] = (state(model), info)
+
+    config = config.model_copy(update={"data_order_seed": order_seed})
+    result = continue_pretraining(model, data, config, on_point=on_point, progress=False)
+    return result, seen
+
+
+@pytest.mark.parametrize("order_seed", [None, 3])
+def test_every_branch_equals_its_standalone_run_bit_for_bit(order_seed):
+    data = random_data(train_rows=600)
+    budgets = [2 * STEP, 4 * STEP, 8 * STEP, 16 * STEP]  # a factor 2 apart; the 16-step run forks 3 times
+    result, seen = run(wsd(budgets), data, order_seed=order_seed)
+    assert result.status == "completed" and sorted(seen) == budgets
+    assert [p["budget_tokens"] for p in result.points] == budgets
+    # extra cost: the cooldowns of the three branches (1, 1 and 2 steps of 4 rows each)
+    assert result.branch_tokens == (1 + 1 + 2) * STEP
+    for b in budgets:
+        alone, alone_seen = run(wsd([b]), data, order_seed=order_seed)
+        assert alone.status == "completed" and list(alone_seen) == [b]
+        got, want = seen[b][0], alone_seen[b][0]
+        for key in want:
+            assert torch.equal(got[key], want[key]), (b, key)
+        assert seen[b][1]["val_loss"] == alone_seen[b][1]["val_loss"]
+
+
+def test_the_main_run_is_unchanged_by_its_branches():
+    data = random_data(train_rows=600)
+    with_branches, _ = run(wsd([2 * STEP, 4 * STEP, 8 * STEP]), data)
+    alone, _ = run(wsd([8 * STEP]), data)
+    assert with_branches.val_losses == alone.val_losses
+    assert with_branches.final_val_loss == alone.final_val_loss
+
+
+def test_branch_state_on_disk_equals_in_memory(tmp_path):
+    data = random_data(train_rows=600)
+    budgets = [2 * STEP, 8 * STEP]
+    memory, seen_m = run(wsd(budgets), data)
+    model = tiny_model("llama", 2, seed=0)
+    seen_d = {}
+
+    def on_point(point, info):
+        seen_d[point.tokens] = state(model)
+
+    disk = continue_pretraining(model, data, wsd(budgets, branch_state="disk"), out_dir=tmp_path, progress=False,
+                                on_point=on_point)
+    assert disk.val_losses == memory.val_losses
+    for b in budgets:
+        assert all(torch.equal(seen_d[b][k], seen_m[b][0][k]) for k in seen_d[b])
+    assert not (tmp_path / "fork.pt").exists()
+    branch_lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
+                    if '"branch"' in x]
+    assert {x["branch"] for x in branch_lines} == {2 * STEP}
+
+
+def test_wsd_schedule_values():
+    point = BudgetPoint(index=0, tokens=100, steps=100, cooldown_steps=20, final=True)
+    kw = dict(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert wsd_lr_at(0, point, **kw) == pytest.approx(0.1)
+    assert wsd_lr_at(9, point, **kw) == pytest.approx(1.0)  # warmup ends at the peak
+    assert wsd_lr_at(79, point, **kw) == 1.0  # the last constant step, just before the fork
+    # mid-cooldown: t = 10/20
+    assert wsd_lr_at(89, point, **kw) == pytest.approx(0.1 + 0.9 * (1 - math.sqrt(0.5)))
+    assert wsd_lr_at(89, point, **kw, decay="linear") == pytest.approx(0.1 + 0.9 * 0.5)
+    assert wsd_lr_at(99, point, **kw) == pytest.approx(0.1)  # the end: the floor
+    values = [wsd_lr_at(s, point, **kw) for s in range(80, 100)]
+    assert all(a > b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_plan_points_and_config_errors():
+    points = plan_points(wsd([1 * STEP, 4 * STEP, 16 * STEP], cooldown=0.2, warmup_tokens=0))
+    assert [(p.steps, p.cooldown_steps, p.fork_step, p.final) for p in points] == \
+        [(1, 1, 0, False), (4, 1, 3, False), (16, 3, 13, True)]
+    with pytest.raises(UserError, match="warmup"):
+        plan_points(wsd([2 * STEP, 8 * STEP], warmup_tokens=4 * STEP))
+    with pytest.raises(UserError, match="same number of steps"):
+        plan_points(wsd([STEP, STEP + 1, 8 * STEP]))
+    with pytest.raises(pydantic.ValidationError, match="strictly increasing"):
+        wsd([4 * STEP, 2 * STEP])
+    with pytest.raises(pydantic.ValidationError, match="last budget point"):
+        TrainConfig(tokens=8 * STEP, budgets=[STEP, 4 * STEP], schedule="wsd", warmup_tokens=0)
+    with pytest.raises(pydantic.ValidationError, match="warmup_tokens"):
+        TrainConfig(budgets=[STEP, 4 * STEP], schedule="wsd")
+    with pytest.raises(pydantic.ValidationError, match="schedule: wsd"):
+        TrainConfig(budgets=[STEP, 4 * STEP], warmup_tokens=0)
+    assert TrainConfig(budgets=[STEP, 4 * STEP], schedule="wsd", warmup_tokens=0).tokens == 4 * STEP
+
+
+def test_row_order_is_prefix_stable_across_windows():
+    from ablate.data import SHUFFLE_WINDOW as W
+
+    big = row_order(7, 3 * W, 3 * W)
+    assert sorted(big.tolist()) == list(range(3 * W))
+    for n in (5, W, W + 1, 2 * W + 3):
+        pool = -(-n // W) * W
+        np.testing.assert_array_equal(row_order(7, n, pool), big[:n])
+    assert not np.array_equal(row_order(8, W, W), big[:W])
+    assert row_order(None, 10) is None
+
+
+def test_on_point_stops_the_run_after_a_branch():
+    data = random_data(train_rows=600)
+    model = tiny_model("llama", 2, seed=0)
+    result = continue_pretraining(model, data, wsd([2 * STEP, 4 * STEP, 8 * STEP]), progress=False,
+                                  on_point=lambda point, info: point.tokens >= 4 * STEP)
+    assert result.status == "stopped" and "budget point 4096" in result.reason.replace(str(4 * STEP), "4096")
+    assert [p["budget_tokens"] for p in result.points] == [2 * STEP, 4 * STEP]
+    assert result.steps == 3  # the main run stopped at the second point's fork
