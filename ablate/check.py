@@ -35,7 +35,9 @@ def _close(a, b) -> bool:
 
 
 def _arm(attrs: dict) -> tuple:
-    return attrs.get("base"), attrs.get("method"), attrs.get("m"), attrs.get("repeat")
+    """A configuration as recorded: (base, method, m, repeat, lr), lr None where the study has one lr
+    (its records carry no lr) and for the no-CPT reference."""
+    return attrs.get("base"), attrs.get("method"), attrs.get("m"), attrs.get("repeat"), attrs.get("lr")
 
 
 def _check_folder(folder: Path, t) -> list[str]:

@@ -20,7 +20,8 @@ from ablate.errors import UserError, one_line
 from ablate.objective import ObjectiveConfig
 from ablate.train import TrainConfig
 
-__all__ = ["StudyConfig", "BaseConfig", "load_study_config", "parse_config", "DEFAULT_CONFIG"]
+__all__ = ["StudyConfig", "BaseConfig", "load_study_config", "parse_config", "DEFAULT_CONFIG", "rung_points",
+           "prunable"]
 
 DEFAULT_CONFIG = Path(__file__).parent / "studies" / "default.yaml"
 # \Z, not $: "$" also matches before a final newline, which would let "evil\n" name a folder
@@ -93,6 +94,9 @@ class MethodsConfig(Strict):
     dus: bool = Field(True, description="Depth up-scaling over the m range of each base.")
     moe: MoEConfig | None = Field(default_factory=MoEConfig, description="The MoE upcycle baseline; null "
                                   "to leave it out.")
+    nocpt: bool = Field(True, description="The reference row of every study: each base as it is, with no CPT at "
+                        "all, evaluated once per base (whatever repeats and lr grid); it shows what CPT itself "
+                        "does to the base, apart from any change of architecture.")
 
 
 class DataConfig(Strict):
@@ -157,17 +161,29 @@ class SamplerConfig(Strict):
 
 
 class PrunerConfig(Strict):
-    """Early stopping of hopeless trials from their held-out loss during CPT."""
+    """Early stopping of hopeless trials from their intermediate values during CPT."""
 
-    kind: Literal["none", "median"] = Field("none", description="none (the default): every trial runs its "
-                                            "whole budget. median: Optuna's MedianPruner. Off by default "
-                                            "because a fresh DUS variant's held-out loss first jumps, then "
-                                            "recovers: a median rule on early evaluations prunes exactly the "
-                                            "arms under study (the first default study lost 10 of 20 trials, "
-                                            "mostly DUS variants still recovering).")
-    startup_trials: int = Field(5, ge=0, description="Trials that always run to the end before pruning starts.")
-    warmup_evals: int = Field(2, ge=0, description="Evaluations of a trial before it may be pruned; with "
-                              "median, set it past the recovery of a fresh variant (e.g. all but the last).")
+    kind: Literal["none", "median", "hyperband", "successive_halving"] = Field(
+        "none", description="none (the default): every trial runs its whole budget. median: Optuna's "
+        "MedianPruner on the held-out loss (schedule cosine: at each evaluation) or on the objective of each "
+        "budget point (schedule wsd). hyperband / successive_halving: multi-fidelity search with Optuna's "
+        "HyperbandPruner / SuccessiveHalvingPruner, the budget points of train.budgets as rungs (needs schedule "
+        "wsd and at least 2 budget points). Off by default because a fresh DUS variant's held-out loss first "
+        "jumps, then recovers: a median rule on early evaluations prunes exactly the arms under study (the first "
+        "default study lost 10 of 20 trials, mostly DUS variants still recovering).")
+    startup_trials: int = Field(5, ge=0, description="median: trials that always run to the end before pruning "
+                                "starts.")
+    warmup_evals: int = Field(2, ge=0, description="median: evaluations of a trial (schedule wsd: budget points) "
+                              "before it may be pruned; set it past the recovery of a fresh variant (e.g. all but "
+                              "the last).")
+    reduction_factor: int = Field(4, ge=2, le=1_000, description="hyperband / successive_halving: the rungs are "
+                                  "budgets[0] * reduction_factor**k tokens, and about 1 in reduction_factor trials "
+                                  "goes on from each rung; 4 suits budget points a factor 4 apart.")
+    min_fraction: float = Field(0.25, ge=0, le=1, **Finite, description="Every pruner: no trial is pruned before "
+                                "it has trained this fraction of train.tokens (nor after its last budget point, "
+                                "when nothing is left to save). A fresh variant's loss first jumps, then recovers: "
+                                "the median rule on early losses pruned exactly the arms under study (the first "
+                                "default study lost 10 of 20 trials, mostly DUS variants still recovering).")
 
 
 class StudyConfig(Strict):
@@ -203,7 +219,50 @@ class StudyConfig(Strict):
         labels = [b.name for b in self.bases]
         if len(set(labels)) != len(labels):
             raise ValueError(f"bases: labels {labels} repeat; give each base a distinct label")
+        idle = [b.name for b in self.bases if not self.methods.dus and not b.moe]
+        if idle:
+            raise ValueError(f"bases: {idle[0]!r} has no arm to run (methods.dus is off and its moe is false); set "
+                             "its moe: true, or methods.dus: true")
         return self
+
+    @model_validator(mode="after")
+    def _pruner(self):
+        kind, train = self.pruner.kind, self.train
+        if kind not in ("hyperband", "successive_halving"):
+            return self
+        points = train.budget_points
+        if train.schedule != "wsd" or len(points) < 2:
+            raise ValueError(f"pruner.kind {kind} needs train.schedule: wsd with at least 2 train.budgets (its rungs, "
+                             "e.g. [16384, 65536]); set them, or use pruner.kind median or none")
+        rungs = rung_points(points, self.pruner.reduction_factor)
+        if not prunable(rungs, train.tokens, self.pruner.min_fraction):
+            raise ValueError(f"pruner.kind {kind} would never prune: its rungs fall at budget points {rungs}, and none "
+                             f"is both at least pruner.min_fraction={self.pruner.min_fraction:g} of train.tokens="
+                             f"{train.tokens} and before the last; add a budget point budgets[0] * reduction_factor**k "
+                             "there, or lower pruner.min_fraction or pruner.reduction_factor")
+        return self
+
+
+def rung_points(budgets: list[int], reduction_factor: int) -> list[int]:
+    """The budget points where successive halving (and each bracket of Hyperband) compares trials.
+
+    Its rungs are at ``budgets[0] * reduction_factor**k`` tokens; a trial reports only at budget
+    points, so each rung is decided at the first point at or past it (the same point for every
+    trial, so the values a rung compares were all measured at one budget).
+    """
+    out, step = [], budgets[0]
+    while step <= budgets[-1]:
+        point = next(b for b in budgets if b >= step)
+        if point not in out:
+            out.append(point)
+        step *= reduction_factor
+    return out
+
+
+def prunable(steps: list[int], full: int, min_fraction: float) -> list[int]:
+    """The reported steps where the pruner's guard lets a trial be pruned: at least ``min_fraction``
+    of the full budget ``full`` (in the same unit), and before it."""
+    return [s for s in steps if min_fraction * full <= s < full]
 
 
 def _set(tree: dict, dotted: str, value) -> None:

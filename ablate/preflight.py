@@ -23,10 +23,11 @@ from ablate.data import load_packed, tokenizer_fingerprint
 from ablate.errors import UserError
 from ablate.fsutil import check_writable
 from ablate.objective import direction
+from ablate.search import SearchSpace
 from ablate.storage import canonical_url, check_storage_url, default_storage_url, open_storage, redact, storage_kind
 from ablate.train import plan_budget
 
-MAX_CONFIGURATIONS = 100_000  # (base, method, m, repeat) cells a study may hold
+MAX_CONFIGURATIONS = 100_000  # (base, method, m, repeat, lr) cells a study may hold (nocpt rows included)
 
 __all__ = ["Plan", "preflight", "validate_study", "resolve_device", "storage_for"]
 
@@ -111,11 +112,10 @@ def preflight(config: StudyConfig, out: Path, *, storage: str | None = None, dev
     if storage_kind(url) in ("postgresql", "mysql"):
         open_storage(url)  # an unreachable server fails now, before minutes of data building
     depths = validate_study(config, trust_remote_code=trust_remote_code, progress=progress)
-    count = sum((len(b.m) if b.m is not None else depths[b.name] // 2 + 1) * bool(config.methods.dus)
-                + (config.methods.moe is not None and b.moe) for b in config.bases) * config.repeats
+    count = SearchSpace(config, depths).count()  # counted, not listed
     if count > MAX_CONFIGURATIONS:  # the search space is enumerated: bound it before it fills memory
-        raise UserError(f"the study has {count:,} configurations, over {MAX_CONFIGURATIONS:,}; lower repeats or "
-                        "narrow the m lists")
+        raise UserError(f"the study has {count:,} configurations, over {MAX_CONFIGURATIONS:,}; lower repeats, "
+                        "narrow the m lists or shorten the lr grid")
     return Plan(depths, study_dir, url, redact(url), direction(config.eval.objective), device)
 
 

@@ -11,6 +11,7 @@ from ablate.errors import UserError
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((ROOT / "studies").glob("*.yaml"))
 MINIMAL = {"name": "t", "bases": [{"model": "zoo-a"}], "train": {"tokens": 1000}}
+WSD = {"schedule": "wsd", "warmup_tokens": 256, "budgets": [1024, 4096]}
 
 
 def test_studies_are_shipped():
@@ -59,6 +60,18 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
     ({"repeats": 0}, "repeats"),
     ({"data": {"source": "hf:"}}, "names no dataset"),
     ({"eval": {"objective": {"kind": "accuracy"}}}, "eval.objective"),
+    ({"pruner": {"kind": "hyperband"}}, "pruner.kind hyperband needs train.schedule: wsd with at least 2"),
+    ({"pruner": {"kind": "successive_halving"}, "train": {"schedule": "wsd", "warmup_tokens": 100, "tokens": 1000}},
+     "pruner.kind successive_halving needs train.schedule: wsd with at least 2 train.budgets"),
+    ({"pruner": {"kind": "hyperband", "min_fraction": 0.5}, "train": {**WSD, "budgets": [1000, 4000, 16000]}},
+     "would never prune: its rungs fall at budget points [1000, 4000, 16000]"),
+    ({"pruner": {"kind": "hyperband", "reduction_factor": 1}, "train": WSD}, "pruner.reduction_factor"),
+    ({"pruner": {"kind": "median", "min_fraction": 1.5}}, "pruner.min_fraction"),
+    ({"pruner": {"kind": "median", "min_fraction": float("nan")}}, "pruner.min_fraction"),
+    ({"pruner": {"kind": "asha"}}, "pruner.kind"),
+    ({"methods": {"dus": False}, "bases": [{"model": "x"}, {"model": "y", "moe": False}]},
+     "'y' has no arm to run (methods.dus is off and its moe is false)"),
+    ({"methods": {"nocpt": "maybe"}}, "methods.nocpt"),
 ])
 def test_bad_configs_name_the_key(change, expected):
     tree = {**MINIMAL, **change}
@@ -66,6 +79,43 @@ def test_bad_configs_name_the_key(change, expected):
         parse_config(tree, "s.yaml")
     message = str(info.value)
     assert expected in message and "\n" not in message
+
+
+def test_budgets_and_an_lr_grid_parse_from_the_command_line(tmp_path):
+    """Issue 13: --set 'train.budgets=[1024,4096]' and --set train.lr=[1e-3,3e-3] (PyYAML reads 1e-3 as text)."""
+    p = tmp_path / "s.yaml"
+    p.write_text("name: t\nbases: [{model: zoo-a}]\ntrain: {tokens: 1000}\n")
+    config = load_study_config(p, ["train.schedule=wsd", "train.tokens=4096", "train.warmup_tokens=256",
+                                   "train.budgets=[1024,4096]", "pruner.kind=hyperband", "train.lr=[1e-3,3e-3]"])
+    assert config.train.budgets == [1024, 4096] and config.train.budget_points == [1024, 4096]
+    assert config.train.lr == [1e-3, 3e-3] and config.train.lr_grid == [1e-3, 3e-3]
+    assert config.pruner.kind == "hyperband" and config.pruner.reduction_factor == 4
+    assert config.pruner.min_fraction == 0.25
+    spaced = load_study_config(p, ["train.schedule=wsd", "train.tokens=4096", "train.warmup_tokens=256",
+                                   "train.budgets=[1024, 4096]", "train.lr=[ 1.0e-3 , 3e-3 ]"])
+    assert spaced.train.budgets == [1024, 4096] and spaced.train.lr == [1e-3, 3e-3]
+
+
+def test_a_study_yaml_with_an_lr_grid_budgets_and_a_pruner(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("name: t\nbases: [{model: zoo-a}]\n"
+                 "train: {schedule: wsd, budgets: [1024, 4096, 16384], warmup_tokens: 256, lr: [1e-3, 3e-3]}\n"
+                 "pruner: {kind: successive_halving, reduction_factor: 4, min_fraction: 0.25}\n"
+                 "methods: {nocpt: false}\n")
+    config = load_study_config(p)
+    assert config.train.tokens == 16384 and config.train.lr == [1e-3, 3e-3] and not config.methods.nocpt
+    assert config.pruner.kind == "successive_halving"
+    assert parse_config(MINIMAL).methods.nocpt is True  # the reference row is on by default
+
+
+def test_rung_points_and_the_guard():
+    from ablate.config import prunable, rung_points
+
+    assert rung_points([1024, 4096, 16384], 4) == [1024, 4096, 16384]
+    assert rung_points([1024, 2048, 4096, 8192], 4) == [1024, 4096]  # points between rungs decide nothing
+    assert rung_points([1000, 3000, 8000], 4) == [1000, 8000]  # a rung between points: the next point decides
+    assert prunable([1024, 4096, 16384], 16384, 0.25) == [4096]
+    assert prunable([1024, 4096], 4096, 0.25) == [1024]  # at exactly the fraction a trial may be pruned
 
 
 def test_malformed_yaml_names_the_line(tmp_path):
