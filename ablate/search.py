@@ -349,7 +349,9 @@ def make_pruner(config: StudyConfig) -> BasePruner:
     points, full = report_steps(train)
     if p.kind == "median":  # warmup_evals counts evaluations (budget points), MedianPruner counts steps
         warmup = points[p.warmup_evals] if p.warmup_evals < len(points) else full + 1
-        inner = optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials, n_warmup_steps=warmup)
+        # n_min_trials: only finished trials that reported at the step count, never the no-CPT references
+        inner = optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials, n_warmup_steps=warmup,
+                                            n_min_trials=max(1, p.startup_trials))
     elif p.kind == "successive_halving":  # the config requires schedule wsd: points are budget points
         inner = optuna.pruners.SuccessiveHalvingPruner(min_resource=points[0], reduction_factor=p.reduction_factor)
     else:

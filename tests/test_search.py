@@ -290,7 +290,8 @@ def test_the_median_guard_and_warmup_count_in_optimizer_steps_under_cosine():
     pruner = make_pruner(config(startup_trials=1, warmup_evals=0, min_fraction=0.6))
     assert pruner.min_step == pytest.approx(0.6 * 16) and pruner.full == 16
     assert set(simulate(pruner, steps)) == {12}  # 4, 8 < 9.6; 16 is the end
-    assert set(simulate(make_pruner(config(startup_trials=1, warmup_evals=1, min_fraction=0)), steps)) == {8, 12}
+    after_one = simulate(make_pruner(config(startup_trials=1, warmup_evals=1, min_fraction=0)), steps)
+    assert 8 in after_one and set(after_one) <= {8, 12}  # one evaluation (step 4) before it may be pruned
     assert 4 in simulate(make_pruner(config(startup_trials=1, warmup_evals=0, min_fraction=0)), steps)
     assert simulate(make_pruner(config(startup_trials=1, warmup_evals=4, min_fraction=0)), steps) == []
 
@@ -319,3 +320,21 @@ def test_check_tells_the_lrs_of_one_arm_apart():
     assert _check_configurations(two_lrs) == []
     twice = [*two_lrs, done(Arm("a", "dus", 1, 0, 3e-3), 4)]
     assert _check_configurations(twice) == ["configuration ('a', 'dus', 1, 0, 0.003) ran in trials [1, 4]"]
+
+
+def test_the_no_cpt_references_do_not_count_as_the_median_s_startup_trials():
+    """They finish without reporting: only trials that ran to the end and reported count."""
+    pruner = make_pruner(wsd_config({"kind": "median", "startup_trials": 2, "warmup_evals": 0, "min_fraction": 0}))
+    study = optuna.create_study(pruner=pruner)
+    for _ in range(3):
+        study.tell(study.ask(), 0.5)  # nocpt: a value, no intermediate values
+    good = study.ask()
+    good.report(1.0, 1024)
+    study.tell(good, 1.0)
+    bad = study.ask()
+    bad.report(9.0, 1024)
+    assert not bad.should_prune()  # one reporting trial finished, two needed
+    study.tell(bad, 9.0)
+    worse = study.ask()
+    worse.report(10.0, 1024)
+    assert worse.should_prune()
