@@ -214,6 +214,21 @@ CASES = [
          lambda i: ["--config", _file(i.root / "configs" / "rec.yaml", b"a: &a [*a]\n")],
          "refers to its own anchor"),
 ]
+CASES += [  # issue 13: the budget axis's pruners, the lr grid and the no-CPT reference in the search space
+    Case("hyperband-without-budget-points", "study", study("--set", "pruner.kind=hyperband"),
+         "pruner.kind hyperband needs train.schedule: wsd with at least 2 train.budgets"),
+    Case("hyperband-that-never-prunes", "study",
+         study("--set", "train.schedule=wsd", "--set", "train.warmup_tokens=0", "--set", "train.budgets=[256,512]",
+               "--set", "pruner.kind=hyperband", "--set", "pruner.min_fraction=0.75"),
+         "pruner.kind hyperband would never prune: its rungs fall at budget points [256]"),
+    Case("pruner-min-fraction-above-one", "study", study("--set", "pruner.min_fraction=2"),
+         "pruner.min_fraction: Input should be less than or equal to 1"),
+    Case("base-without-an-arm", "study", study("--set", "methods.dus=false", "--set", "bases.0.moe=false"),
+         "'tiny' has no arm to run (methods.dus is off and its moe is false)"),
+    Case("lr-grid-beyond-the-configuration-bound", "study",
+         study("--set", "repeats=1000", "--set", "train.lr=[" + ",".join(str(i / 10_000) for i in range(1, 27)) + "]"),
+         "the study has 104,001 configurations, over 100,000; lower repeats, narrow the m lists or shorten the lr"),
+]
 YAML_BOMB = ("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefghi", "bcdefghij", strict=False))).encode()
 
