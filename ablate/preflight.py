@@ -25,7 +25,7 @@ from ablate.fsutil import check_writable
 from ablate.objective import direction
 from ablate.search import SearchSpace
 from ablate.storage import canonical_url, check_storage_url, default_storage_url, open_storage, redact, storage_kind
-from ablate.train import plan_budget
+from ablate.train import plan_budget, plan_points
 
 MAX_CONFIGURATIONS = 100_000  # (base, method, m, repeat, lr) cells a study may hold (nocpt rows included)
 
@@ -136,6 +136,7 @@ def validate_study(config: StudyConfig, *, trust_remote_code: bool = False, prog
     _check_m(config, depths)
     d, train = config.data, config.train
     plan_budget(train, seq_len=d.seq_len, num_train_rows=train.tokens // d.seq_len)  # one step fits, multiples
+    plan_points(train)  # every budget point at least a step, one step from the next, after the warmup
     val_rows = d.val_tokens // d.seq_len
     if train.eval_rows > val_rows:
         raise UserError(f"train.eval_rows={train.eval_rows} but data.val_tokens={d.val_tokens} makes {val_rows} "
