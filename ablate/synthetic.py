@@ -36,14 +36,22 @@ answers (each digit is the answer equally often), so a constant or surface guess
 (160) training contains every evaluation question too, and a model may answer them from a
 memorised table; from k = 3 (640) on, a memorised table is ever less practical.
 
+Two readings of the same questions. The lm-eval tasks ``synth_k<k>`` (:func:`write_eval_tasks`)
+give an accuracy per level on a few hundred items. :func:`answer_metrics` gives the loss and
+accuracy of the answer token per level, on every distinct query of the small levels and a fixed
+sample above (:func:`answer_items`): the loss moves before the accuracy does, and the answers are
+only about 2% of held-out tokens, so the held-out loss over all tokens barely sees them.
+
     python -c "from ablate.synthetic import iter_documents; it = iter_documents(); print(next(it))"
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -63,13 +71,20 @@ __all__ = [
     "query_item",
     "eval_items",
     "accuracy",
+    "answer_items",
+    "answer_metrics",
     "write_eval_tasks",
     "task_names",
     "chance_level",
     "DEFAULT_LEVELS",
+    "ANSWER_ITEMS",
 ]
 
 DEFAULT_LEVELS = (1, 2, 3, 4)  # k = 1 is one lookup (learnable in the zoo's budget); 4 has headroom
+# answer_metrics scores every distinct query of a level with at most this many (k <= 3 of the default
+# world: 40, 160, 640) and a fixed sample of this many above (k = 4: 1,000 of 2,560; the standard
+# error of an accuracy near 0.5 is then about 0.016).
+ANSWER_ITEMS = 1000
 SPLIT_SALT = {"train": "train", "val": "val"}  # separate RNG streams: train and val never share a draw
 EVAL_SALT = "eval"  # evaluation items use a third stream, never used for training or validation
 QUERY, TRACE = "apply", "trace"  # the words that open a reasoning document
@@ -326,6 +341,152 @@ def accuracy(model, tokenizer, items: Sequence[dict], *, batch_size: int = 256) 
     return correct / len(items)
 
 
+def _levels(levels: Sequence[int]) -> list[int]:
+    out = sorted(set(int(k) for k in levels))
+    if not out or out[0] < 1:
+        raise UserError(f"levels {out} must be a non-empty list of step counts k >= 1")
+    return out
+
+
+def answer_items(k: int, max_items: int = ANSWER_ITEMS, *, seed: int = 0,
+                 config: SyntheticConfig | None = None) -> list[dict]:
+    """The queries of ``k`` steps that :func:`answer_metrics` scores, as :func:`eval_items` dicts.
+
+    A query is a start digit and a sequence of ``k`` function names, so a level has
+    ``num_symbols * num_functions ** k`` distinct ones (40, 160, 640, 2,560 for k = 1..4 of the
+    default world). When that is at most ``max_items``, every one of them, in a fixed order (op
+    sequences in alphabetical order, start digits ascending; ``seed`` plays no part). Above it,
+    ``eval_items(k, max_items, seed=seed)``: a sample drawn from a string-seeded stream of its own
+    (no global RNG state, the same on every call and machine), never "the first N" of the
+    enumeration, nested in ``max_items``, and starting with the items of the lm-eval task
+    ``synth_k<k>`` written with the same seed. Answers are balanced either way: exactly in the full
+    set (each op sequence is a bijection of the digits), up to ``max_items % num_symbols`` in a sample.
+    """
+    if k < 1:
+        raise UserError(f"k={k} must be a step count >= 1")
+    if max_items < 1:
+        raise UserError(f"max_items={max_items} must be at least 1")
+    config = config or SyntheticConfig()
+    perms = _world(config)
+    if config.num_symbols * len(perms) ** k > max_items:
+        return eval_items(k, max_items, seed=seed, config=config)
+    choices = [str(d) for d in range(config.num_symbols)]
+    items = []
+    for ops in itertools.product(list(perms), repeat=k):
+        for start in range(config.num_symbols):
+            context, gold = query_item(perms, start, ops)
+            items.append({"context": f"{QUERY} {context}", "choices": choices, "gold": int(gold), "k": k})
+    return items
+
+
+def answer_metrics(model, tokenizer, *, levels: Sequence[int] = DEFAULT_LEVELS, max_items: int = ANSWER_ITEMS,
+                   seed: int = 0, batch_size: int = 256, config: SyntheticConfig | None = None) -> dict[str, float]:
+    """Loss and accuracy of ``model`` on the answer of the k-step queries, per level k.
+
+    Items: :func:`answer_items` per level (every distinct query up to ``max_items``, a fixed seeded
+    sample above). Each prompt is tokenized as lm-eval and :func:`accuracy` do (the tokenizer's
+    defaults; the answer is the digit after a space).
+
+    - ``answer_k<k>/loss``: mean cross-entropy in nats of the correct answer given the prompt,
+      over the **whole vocabulary**: what training minimises and a proper score, so it also
+      charges a model that is unsure a digit comes at all. With a tokenizer that writes " 7" as
+      one token (the zoo's) it is that token's loss; one that splits it gets the summed loss of
+      its tokens (the negative log-likelihood of the answer string).
+    - ``answer_k<k>/acc``: argmax accuracy over the **answer alphabet** (the ``num_symbols``
+      digits; ties go to the lowest digit): the multiple-choice ``acc`` of lm-eval and of
+      :func:`accuracy` on the same items (tested equal), with chance exactly ``1 / num_symbols``
+      on balanced answers. An argmax over the whole vocabulary would add "is it a digit at all",
+      which the loss already measures, and make chance depend on the tokenizer.
+    - ``answer/loss``, ``answer/acc``: the unweighted mean over levels, each level counting once
+      however many items it has.
+
+    One forward pass per ``batch_size`` prompts (right-padded; a causal model's logits at real
+    positions never see the padding), fp32 softmax over the model's own-dtype logits, no
+    gradients, on the model's device; the train/eval mode is restored afterwards.
+    """
+    levels = _levels(levels)
+    if batch_size < 1:
+        raise UserError(f"batch_size={batch_size} must be at least 1")
+    items = [item for k in levels for item in answer_items(k, max_items, seed=seed, config=config)]
+    scores = _choice_logprobs(model, tokenizer, items, batch_size)  # [items, choices], float64 on CPU
+    gold = [item["gold"] for item in items]
+    losses = [-float(row[g]) for row, g in zip(scores, gold, strict=True)]
+    hits = [float(int(row.argmax()) == g) for row, g in zip(scores, gold, strict=True)]
+    out: dict[str, float] = {}
+    for k in levels:
+        mine = [i for i, item in enumerate(items) if item["k"] == k]
+        out[f"answer_k{k}/loss"] = sum(losses[i] for i in mine) / len(mine)
+        out[f"answer_k{k}/acc"] = sum(hits[i] for i in mine) / len(mine)
+    out["answer/loss"] = sum(out[f"answer_k{k}/loss"] for k in levels) / len(levels)
+    out["answer/acc"] = sum(out[f"answer_k{k}/acc"] for k in levels) / len(levels)
+    return out
+
+
+_ENCODED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {texts: their token ids}
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    """``tokenizer(texts)["input_ids"]`` (not to be changed by the caller), remembered for as long as
+    the tokenizer lives: every trial of a study scores the same items with the same tokenizer, and
+    encoding the ~20,000 prompt and answer strings of the default levels took longer than scoring
+    them with a zoo model."""
+    try:
+        cache = _ENCODED.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced: no cache
+        return tokenizer(texts)["input_ids"]
+    key = tuple(texts)
+    if key not in cache:
+        cache[key] = tokenizer(texts)["input_ids"]
+    return cache[key]
+
+
+def _choice_logprobs(model, tokenizer, items: Sequence[dict], batch_size: int):
+    """``[len(items), choices]`` float64 tensor: log p(choice | context) summed over the choice's tokens.
+
+    Choices continue the context after a space, split off the whole text's tokens as lm-eval does.
+    When every choice is one token that extends the context's tokens (the zoo's tokenizer), one
+    row per item is enough: the logits after the context. Otherwise one row per (item, choice).
+    """
+    import torch
+
+    n_choices = len(items[0]["choices"])
+    if any(len(item["choices"]) != n_choices for item in items):
+        raise UserError("answer items must all have the same number of choices")
+    contexts = _encode(tokenizer, [item["context"] for item in items])
+    wholes = _encode(tokenizer, [f"{item['context']} {c}" for item in items for c in item["choices"]])
+    spans = [(len(contexts[i // n_choices]), len(whole)) for i, whole in enumerate(wholes)]
+    if any(lo >= hi for lo, hi in spans):
+        raise UserError("the tokenizer gives an answer digit no tokens of its own after the prompt")
+    single = all(hi == lo + 1 and whole[:lo] == contexts[i // n_choices]
+                 for i, (whole, (lo, hi)) in enumerate(zip(wholes, spans, strict=True)))
+    device = next(model.parameters()).device
+    rows = contexts if single else wholes
+    out = []
+    with evaluating(model):
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            width = max(map(len, chunk))
+            ids = torch.tensor([r + [0] * (width - len(r)) for r in chunk], device=device)  # right padding
+            logits = model(input_ids=ids, use_cache=False).logits
+            # Only the positions that predict an answer go through the fp32 softmax: a copy of all
+            # the logits in fp32 would be rows x width x vocab floats (GBs for a 150k vocabulary).
+            if single:  # the next-token distribution after each context, read at the choices' tokens
+                last = torch.tensor([len(r) - 1 for r in chunk], device=device)
+                logp = logits[torch.arange(len(chunk), device=device), last].float().log_softmax(-1)
+                targets = torch.tensor([[w[-1] for w in wholes[(start + j) * n_choices:(start + j + 1) * n_choices]]
+                                        for j in range(len(chunk))], device=device)
+                out.append(logp.gather(-1, targets).double().cpu())
+            else:  # log p(token t | tokens < t), t from the first answer token on, summed over each choice's tokens
+                bounds = torch.tensor(spans[start:start + len(chunk)], device=device)
+                first = min(lo for lo, _ in spans[start:start + len(chunk)])
+                logp = logits[:, first - 1:-1].float().log_softmax(-1)
+                token_logp = logp.gather(-1, ids[:, first:, None]).squeeze(-1)
+                t = torch.arange(first, width, device=device)
+                inside = (t >= bounds[:, :1]) & (t < bounds[:, 1:])
+                out.append((token_logp.double() * inside).sum(-1).cpu())
+    return torch.cat(out).reshape(len(items), n_choices)
+
+
 def _task_yaml(name: str, data_file: Path, chance: float) -> str:
     # data_files must be absolute: lm-eval hands it to datasets, which resolves it against the
     # working directory, not the YAML's folder.
@@ -361,9 +522,7 @@ def write_eval_tasks(folder: str | os.PathLike, *, levels: Sequence[int] = DEFAU
     files will live in once ``folder`` is renamed there. :func:`task_names` re-points a folder
     that was moved after all.
     """
-    levels = sorted(set(int(k) for k in levels))
-    if not levels or levels[0] < 1:
-        raise UserError(f"levels {levels} must be a non-empty list of step counts k >= 1")
+    levels = _levels(levels)
     if items_per_level < 1:
         raise UserError(f"items_per_level={items_per_level} must be at least 1")
     config = config or SyntheticConfig()
