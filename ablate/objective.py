@@ -48,7 +48,7 @@ class ObjectiveConfig(BaseModel):
         description="val_loss: held-out loss over all tokens (minimise; the least noisy signal at small "
         "budgets). answer_loss: loss of the answer of the synthetic k-step queries, mean over the levels k "
         "(minimise; answer/loss of ablate.synthetic.answer_metrics; it moves with reasoning, which the "
-        "held-out loss hardly sees: answers are about 2% of its tokens). answer_acc: their accuracy, mean "
+        "held-out loss hardly sees: answers are about 4% of its tokens). answer_acc: their accuracy, mean "
         "over k (maximise; answer/acc). metric: one 'task/metric' (maximise). mean: mean of several "
         "'task/metric' (maximise).",
     )

@@ -40,7 +40,8 @@ Two readings of the same questions. The lm-eval tasks ``synth_k<k>`` (:func:`wri
 give an accuracy per level on a few hundred items. :func:`answer_metrics` gives the loss and
 accuracy of the answer token per level, on every distinct query of the small levels and a fixed
 sample above (:func:`answer_items`): the loss moves before the accuracy does, and the answers are
-only about 2% of held-out tokens, so the held-out loss over all tokens barely sees them.
+only about 4% of held-out tokens (all levels together; measured on 3,000 validation documents
+with the zoo tokenizer), so the held-out loss over all tokens barely sees them.
 
     python -c "from ablate.synthetic import iter_documents; it = iter_documents(); print(next(it))"
 """
