@@ -17,13 +17,20 @@ from ablate.errors import UserError
 from ablate.fsutil import atomic_write_text
 from ablate.storage import open_storage
 
-__all__ = ["COLUMNS", "STATES", "read_records", "trial_rows", "load", "write_csv", "study_dir_info", "storage_url",
-           "open_study"]
+__all__ = ["COLUMNS", "BUDGET_COLUMNS", "STATES", "read_records", "trial_rows", "budget_rows", "load",
+           "load_budgets", "write_csv", "study_dir_info", "storage_url", "open_study"]
 
 # Fixed leading columns; task metrics ("synth_k1/acc", ...) follow in sorted order.
-COLUMNS = ["study", "trial", "state", "base", "method", "n", "m", "s", "repeat", "seed", "data_order_seed",
-           "params_total", "params_active", "tokens", "flops", "val_loss", "val_ppl", "objective", "wall_s", "train_s",
-           "eval_s", "device", "fail_reason"]
+COLUMNS = ["study", "trial", "state", "base", "method", "n", "m", "s", "repeat", "lr", "seed", "data_order_seed",
+           "peak_lr", "params_total", "params_active", "tokens", "branch_tokens", "flops", "val_loss", "val_ppl",
+           "objective", "wall_s", "train_s", "eval_s", "device", "fail_reason"]
+# budgets.csv: one row per trial and budget point (``budget_tokens``: the point; ``tokens`` and
+# ``flops``: what the model scored there was trained on, its branch's cooldown included)
+BUDGET_COLUMNS = ["study", "trial", "state", "base", "method", "n", "m", "s", "repeat", "lr", "seed",
+                  "data_order_seed", "peak_lr", "params_total", "params_active", "flops_per_token", "budget_tokens",
+                  "tokens", "flops", "branch", "val_loss", "val_ppl", "cpt_val_loss", "objective"]
+_INTS = ("trial", "n", "m", "s", "repeat", "seed", "data_order_seed", "params_total", "params_active", "tokens",
+         "branch_tokens", "budget_tokens", "flops_per_token")
 # result.json's status -> the table's state (Optuna's COMPLETE, PRUNED, FAIL)
 STATES = {"completed": "complete", "stopped": "pruned", "failed": "fail"}
 ARM = ("base", "method", "m", "repeat")
@@ -47,11 +54,43 @@ def read_records(study_dir: str | Path) -> dict[int, dict]:
 
 def _row(name: str, number: int, state: str, record: dict, objective) -> dict:
     metrics = record.get("metrics") or {}
-    row = {"study": name, "trial": number, "state": state, **{k: record.get(k) for k in COLUMNS[3:15]},
-           "val_loss": metrics.get("val_loss"), "val_ppl": metrics.get("val_ppl"), "objective": objective,
-           **{k: record.get(k) for k in COLUMNS[18:]}}
+    row = {k: record.get(k) for k in COLUMNS}
+    row.update(study=name, trial=number, state=state, val_loss=metrics.get("val_loss"),
+               val_ppl=metrics.get("val_ppl"), objective=objective)
     row.update({k: v for k, v in metrics.items() if k not in ("val_loss", "val_ppl")})
     return row
+
+
+def _point_rows(name: str, number: int, state: str, record: dict) -> list[dict]:
+    rows = []
+    for point in record.get("budgets") or []:
+        metrics = point.get("metrics") or {}
+        row = {k: record.get(k) for k in BUDGET_COLUMNS}
+        row.update(study=name, trial=number, state=state, **{k: point.get(k) for k in
+                   ("budget_tokens", "tokens", "flops", "branch", "cpt_val_loss", "objective")},
+                   val_loss=metrics.get("val_loss"), val_ppl=metrics.get("val_ppl"))
+        row.update({k: v for k, v in metrics.items() if k not in ("val_loss", "val_ppl")})
+        rows.append(row)
+    return rows
+
+
+def budget_rows(study_dir: str | Path, study=None) -> list[dict]:
+    """One dict per trial and budget point, for the trials :func:`trial_rows` has a record of."""
+    records = read_records(study_dir)
+    states = {}
+    if study is not None:
+        for t in study.get_trials(deepcopy=False):
+            state = t.state.name.lower()
+            if state in ("complete", "pruned") or (state == "fail" and "fail_reason" in t.user_attrs):
+                states[t.number] = state
+        records = {n: r for n, r in records.items() if n in states}
+        name = study.study_name
+    else:
+        name = study_dir_info(study_dir).get("name", Path(study_dir).name)
+    rows = []
+    for number, record in records.items():
+        rows += _point_rows(name, number, states.get(number, STATES.get(record.get("status"), "fail")), record)
+    return rows
 
 
 def trial_rows(study_dir: str | Path, study=None) -> list[dict]:
@@ -77,20 +116,24 @@ def trial_rows(study_dir: str | Path, study=None) -> list[dict]:
     return rows
 
 
-def _frame(rows: list[dict]):
+def _frame(rows: list[dict], columns: list[str] = COLUMNS):
     import pandas as pd
 
-    extra = sorted({k for r in rows for k in r} - set(COLUMNS))
-    frame = pd.DataFrame(rows, columns=COLUMNS + extra)
-    for col in ("trial", "n", "m", "s", "repeat", "seed", "data_order_seed", "params_total", "params_active", "tokens"):
-        frame[col] = frame[col].astype("Int64")  # integers with gaps (m of an MoE arm), not floats
+    extra = sorted({k for r in rows for k in r} - set(columns))
+    frame = pd.DataFrame(rows, columns=columns + extra)
+    for col in _INTS:
+        if col in frame:
+            frame[col] = frame[col].astype("Int64")  # integers with gaps (m of an MoE arm), not floats
     return frame
 
 
 def write_csv(study_dir: str | Path, study=None) -> Path:
-    """Write the study's table to ``study_dir/results.csv`` atomically; return its path."""
+    """Write ``results.csv`` (one row per trial) and ``budgets.csv`` (one per trial and budget point)
+    into ``study_dir`` atomically; return the first's path."""
     path = Path(study_dir) / "results.csv"
     atomic_write_text(path, _frame(trial_rows(study_dir, study)).to_csv(index=False))
+    atomic_write_text(Path(study_dir) / "budgets.csv",
+                      _frame(budget_rows(study_dir, study), BUDGET_COLUMNS).to_csv(index=False))
     return path
 
 
@@ -136,6 +179,27 @@ def open_study(path: str | Path, info: dict | None = None, storage: str | None =
         return optuna.load_study(study_name=info["name"], storage=open_storage(url))
     except (KeyError, ValueError, OSError, UserError):
         return None
+
+
+def load_budgets(path: str | Path, *, storage: str | None = None):
+    """A pandas DataFrame with one row per trial and budget point of the study folder ``path``.
+
+    Columns: :data:`BUDGET_COLUMNS` then every metric. ``budget_tokens`` is the point (0 for the
+    no-CPT reference), ``tokens`` and ``flops`` what the model scored there was trained on. A
+    single-budget (cosine) trial has one row, the same numbers as its row of :func:`load`. Trial
+    states come from the storage when it opens, else from the records.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    info = study_dir_info(path)
+    study = open_study(path, info, storage)
+    if study is not None or (path / "trials").is_dir():
+        return _frame(budget_rows(path, study), BUDGET_COLUMNS)
+    csv = path / "budgets.csv"
+    if not csv.is_file():
+        raise UserError(f"{path}: the storage cannot be opened and there are no trial folders nor budgets.csv")
+    return pd.read_csv(csv)
 
 
 def load(path: str | Path, *, storage: str | None = None):

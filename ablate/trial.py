@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import optuna
+import torch
 import yaml
 
 from ablate import base as bases
@@ -41,7 +42,7 @@ from ablate.evaluate import evaluate, perplexity
 from ablate.fsutil import atomic_dir, atomic_write_json, atomic_write_text
 from ablate.moe import upcycle
 from ablate.objective import objective_value
-from ablate.params import count_params
+from ablate.params import count_params, training_flops_per_token
 from ablate.search import SearchSpace
 from ablate.storage import Worker
 from ablate.synthetic import task_names
@@ -49,7 +50,8 @@ from ablate.train import continue_pretraining
 from ablate.upscale import depth_upscale
 from ablate.zoobuild import build_many
 
-__all__ = ["TrialFailed", "Workspace", "Objective", "run_trial", "repeat_train_config", "environment"]
+__all__ = ["TrialFailed", "Workspace", "Objective", "run_trial", "repeat_train_config", "train_config_for",
+           "environment"]
 
 
 class TrialFailed(Exception):
@@ -123,58 +125,111 @@ def repeat_train_config(train, repeat: int):
     return train.model_copy(update={"seed": train.seed + repeat, "data_order_seed": order})
 
 
-def run_trial(ws: Workspace, arm, out_dir: Path, on_eval: Callable[[int, int, float], bool] | None = None) -> dict:
+def train_config_for(train, arm):
+    """The CPT settings of ``arm``: its repeat's seed and data order, and its lr of the study's grid."""
+    train = repeat_train_config(train, arm.repeat)
+    lr = getattr(arm, "lr", None)
+    if lr is None and isinstance(train.lr, list):
+        lr = train.lr[0]
+    return train if lr is None else train.model_copy(update={"lr": lr})
+
+
+def _evaluate(ws: Workspace, model, tokenizer, data) -> dict:
+    """Every score of a model: held-out loss and perplexity, and each evaluation task."""
+    ev = ws.config.eval
+    metrics = dict(perplexity(model, data.val, batch_size=ws.config.train.micro_batch_size))
+    metrics.pop("tokens", None)
+    for shots, tasks in ws.task_groups().items():
+        metrics.update(evaluate(model, tokenizer, tasks, include_path=ws.tasks_dir, subset=ev.subset,
+                                subset_seed=ev.subset_seed, num_fewshot=shots, batch_size=ev.batch_size,
+                                progress=ws.progress))
+    return metrics
+
+
+def run_trial(ws: Workspace, arm, out_dir: Path, on_eval: Callable[[int, int, float], bool] | None = None,
+              on_point: Callable[[int, float], bool] | None = None) -> dict:
     """Build, train and evaluate ``arm``; return its record (see :mod:`ablate.results` for the fields).
 
-    A run that CPT stopped early (the pruner asked) comes back with ``status="stopped"``
-    and no evaluation. A non-finite loss raises :class:`TrialFailed`.
+    Every budget point of the CPT run (one under schedule cosine, each of ``train.budgets`` under
+    wsd) is evaluated in full and recorded in ``record["budgets"]``; the record's metrics and
+    objective are the last point's. ``on_point(tokens, objective)`` sees each point's objective and
+    may stop the run (the study's pruner). A run stopped early comes back with ``status="stopped"``
+    and the points it reached. A non-finite loss raises :class:`TrialFailed`. Method ``nocpt`` is the
+    base evaluated as it is: no surgery, no CPT, one point at 0 tokens.
     """
-    import torch
-
-
     t0 = time.perf_counter()
     base, tokenizer = ws.base(arm.base)
     data = ws.data(tokenizer)
     n = base.config.num_hidden_layers
+    train_cfg = train_config_for(ws.config.train, arm)
+    if arm.method == "nocpt":
+        return _no_cpt_record(ws, arm, base, tokenizer, data, train_cfg, t0)
     variant = build_variant(ws, arm, base)
     params = count_params(variant)
     s = variant.config.num_hidden_layers
-    train_cfg = repeat_train_config(ws.config.train, arm.repeat)
+    flops_per_token = training_flops_per_token(variant.config, params["active"], data.seq_len)
     t1 = time.perf_counter()
-    result = continue_pretraining(variant, data, train_cfg, on_eval=on_eval, out_dir=out_dir, progress=ws.progress,
-                                  cpu=str(ws.device) == "cpu")
+    points: list[dict] = []
+    eval_s = 0.0
+
+    def evaluate_point(point, info) -> bool:
+        nonlocal eval_s
+        e0 = time.perf_counter()
+        metrics = _evaluate(ws, variant, tokenizer, data)
+        objective = objective_value(metrics, ws.config.eval.objective)
+        eval_s += time.perf_counter() - e0
+        points.append({"budget_tokens": point.tokens, "tokens": info["tokens"],
+                       "flops": flops_per_token * info["tokens"], "steps": info["steps"],
+                       "branch": info["branch"], "cpt_val_loss": info["val_loss"], "metrics": metrics,
+                       "objective": objective, "eval_s": round(time.perf_counter() - e0, 3)})
+        return bool(on_point(point.tokens, objective)) if on_point is not None else False
+
+    result = continue_pretraining(variant, data, train_cfg, on_eval=on_eval, on_point=evaluate_point,
+                                  out_dir=out_dir, progress=ws.progress, cpu=str(ws.device) == "cpu")
     t2 = time.perf_counter()
     record = {
         **arm.to_dict(), "n": n, "s": s, "seed": train_cfg.seed, "data_order_seed": train_cfg.data_order_seed,
-        "params_total": params["total"],
-        "params_active": params["active"], "tokens": result.tokens,
-        # 6ND: forward + backward matmul FLOPs per token per active parameter (attention excluded).
-        "flops": 6 * params["active"] * result.tokens, "device": str(ws.device), "status": result.status,
-        "reason": result.reason, "build_s": round(t1 - t0, 3), "train_s": round(t2 - t1, 3),
+        "peak_lr": train_cfg.lr, "params_total": params["total"], "params_active": params["active"],
+        "tokens": result.tokens, "branch_tokens": result.branch_tokens,
+        # training FLOPs: 6 x active parameters per token (forward and backward matmuls) plus attention
+        # (6 x layers x seq_len x hidden, Kaplan et al. 2020); branches' cooldowns excluded (see branch_tokens)
+        "flops": flops_per_token * result.tokens, "flops_per_token": flops_per_token,
+        "device": str(ws.device), "status": result.status, "reason": result.reason, "schedule": train_cfg.schedule,
+        "build_s": round(t1 - t0, 3), "train_s": round(t2 - t1 - eval_s, 3),
         "train": {"initial_val_loss": result.initial_val_loss, "final_val_loss": result.final_val_loss,
                   "tokens_per_s": result.tokens_per_s, "precision": result.precision},
+        "budgets": points,
     }
     if result.status == "diverged":
         raise TrialFailed(result.reason)
-    if result.status == "stopped":
-        record.update(wall_s=round(time.perf_counter() - t0, 3), metrics={"val_loss": result.final_val_loss})
-        return record
-    variant.eval()
-    ev = ws.config.eval
-    metrics = dict(perplexity(variant, data.val, batch_size=ws.config.train.micro_batch_size))
-    metrics.pop("tokens", None)
-    for shots, tasks in ws.task_groups().items():
-        metrics.update(evaluate(variant, tokenizer, tasks, include_path=ws.tasks_dir, subset=ev.subset,
-                                subset_seed=ev.subset_seed, num_fewshot=shots, batch_size=ev.batch_size,
-                                progress=ws.progress))
-    t3 = time.perf_counter()
-    record.update(metrics=metrics, objective=objective_value(metrics, ev.objective), eval_s=round(t3 - t2, 3),
-                  wall_s=round(t3 - t0, 3))
-    del variant
+    last = points[-1] if points else None
+    record.update(metrics=last["metrics"] if last else {"val_loss": result.final_val_loss},
+                  eval_s=round(eval_s, 3), wall_s=round(time.perf_counter() - t0, 3))
+    if result.status == "completed":
+        record["objective"] = last["objective"]
+    variant = None  # free it now (evaluate_point holds the name)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return record
+
+
+def _no_cpt_record(ws: Workspace, arm, base, tokenizer, data, train_cfg, t0: float) -> dict:
+    """The reference every study has: the base as it is, no CPT, scored like every arm."""
+    params = count_params(base)
+    t1 = time.perf_counter()
+    metrics = _evaluate(ws, base, tokenizer, data)
+    objective = objective_value(metrics, ws.config.eval.objective)
+    t2 = time.perf_counter()
+    n = base.config.num_hidden_layers
+    point = {"budget_tokens": 0, "tokens": 0, "flops": 0, "steps": 0, "branch": False, "cpt_val_loss": None,
+             "metrics": metrics, "objective": objective, "eval_s": round(t2 - t1, 3)}
+    return {**arm.to_dict(), "n": n, "s": n, "seed": None, "data_order_seed": None, "peak_lr": None,
+            "params_total": params["total"], "params_active": params["active"], "tokens": 0, "branch_tokens": 0,
+            "flops": 0, "flops_per_token": training_flops_per_token(base.config, params["active"], data.seq_len),
+            "device": str(ws.device), "status": "completed", "reason": "the base as it is: no CPT",
+            "schedule": None, "build_s": round(t1 - t0, 3), "train_s": 0.0, "budgets": [point],
+            "metrics": metrics, "objective": objective, "eval_s": round(t2 - t1, 3), "wall_s": round(t2 - t0, 3)}
 
 
 class Objective:
@@ -220,8 +275,18 @@ class Objective:
         sign = 1.0 if self.direction == "minimize" else -1.0  # pruners read intermediate values in the
         # study's direction, so a maximised objective gets minus the held-out loss
 
+        wsd = self.ws.config.train.schedule == "wsd"
+
         def on_eval(step: int, tokens: int, val_loss: float) -> bool:
+            if wsd:  # under wsd Optuna sees the budget points' objectives (at step = tokens), not these
+                return False
             trial.report(sign * val_loss, step)
+            return trial.should_prune()
+
+        def on_point(tokens: int, objective: float) -> bool:
+            if not wsd:  # the one point is the trial's value, told at the end
+                return False
+            trial.report(objective, tokens)
             return trial.should_prune()
 
         failure = None
@@ -231,7 +296,7 @@ class Objective:
                                                                      sort_keys=False))
             atomic_write_json(folder / "env.json", environment(str(self.ws.device)))
             try:
-                record = run_trial(self.ws, arm, folder, on_eval)
+                record = run_trial(self.ws, arm, folder, on_eval, on_point)
             except (KeyboardInterrupt, SystemExit):
                 raise  # not the configuration's fault: the trial stays unrecorded and runs again
             except Exception as exc:  # any failure of this configuration is recorded, the study goes on

@@ -142,3 +142,40 @@ def test_on_point_stops_the_run_after_a_branch():
     assert result.status == "stopped" and "budget point 4096" in result.reason.replace(str(4 * STEP), "4096")
     assert [p["budget_tokens"] for p in result.points] == [2 * STEP, 4 * STEP]
     assert result.steps == 3  # the main run stopped at the second point's fork
+
+
+def _points(study_dir) -> dict:
+    import pandas as pd
+
+    from ablate.results import load_budgets
+
+    frame = load_budgets(study_dir)
+    return {(r.method, None if pd.isna(r.m) else int(r.m), int(r.budget_tokens)): r for r in frame.itertuples()}
+
+
+def test_through_the_cli_a_branch_equals_the_standalone_study(home, tmp_path):
+    """`ablate study` with budgets [256, 512, 1024] against a study with tokens 512, budgets [512]:
+    the 512-token point of every arm has the same scores to the last bit."""
+    wsd_train = {"schedule": "wsd", "warmup_tokens": 128, "cooldown": 0.25, "tokens_per_step": 128,
+                 "micro_batch_size": 4, "lr": 1e-3, "eval_every": 2, "eval_rows": 8, "precision": "fp32"}
+    many = home.write(tmp_path, "many", train={**wsd_train, "budgets": [256, 512, 1024]},
+                      bases=[{"model": str(home.base), "label": "tiny", "m": [1, 2]}], methods={"dus": True, "moe": None})
+    one = home.write(tmp_path, "one", train={**wsd_train, "tokens": 512, "budgets": [512]},
+                     bases=[{"model": str(home.base), "label": "tiny", "m": [1, 2]}], methods={"dus": True, "moe": None})
+    for config in (many, one):
+        done = home.run(["--config", str(config), "--trials", "3", "--out", "runs", "--quiet"], tmp_path)
+        assert done.returncode == 0, done.stderr
+    big, small = _points(tmp_path / "runs" / "many"), _points(tmp_path / "runs" / "one")
+    assert {k[2] for k in big} == {0, 256, 512, 1024} and {k[2] for k in small} == {0, 512}
+    for m in (1, 2):
+        a, b = big[("dus", m, 512)], small[("dus", m, 512)]
+        assert (a.val_loss, a.objective, a.cpt_val_loss) == (b.val_loss, b.objective, b.cpt_val_loss)
+        assert a.branch and not b.branch
+        assert a.tokens == b.tokens == 512
+    assert big[("dus", 1, 256)].val_loss != big[("dus", 1, 512)].val_loss
+    # the trial record states the branches' extra cost: cooldowns of 1 step (256) and 1 step (512)
+    results = (tmp_path / "runs" / "many" / "results.csv").read_text().splitlines()
+    header = results[0].split(",")
+    rows = [dict(zip(header, line.split(","), strict=False)) for line in results[1:]]
+    assert {r["branch_tokens"] for r in rows if r["method"] == "dus"} == {str(2 * 128)}
+    assert {r["tokens"] for r in rows if r["method"] == "dus"} == {"1024"}
