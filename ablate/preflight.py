@@ -17,12 +17,16 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM
+
 from ablate import base as bases
 from ablate.config import StudyConfig
 from ablate.data import load_packed, tokenizer_fingerprint
 from ablate.errors import UserError
 from ablate.fsutil import check_writable
 from ablate.objective import direction
+from ablate.params import count_params, training_flops_per_token
 from ablate.search import SearchSpace
 from ablate.storage import canonical_url, check_storage_url, default_storage_url, open_storage, redact, storage_kind
 from ablate.train import plan_budget, plan_points
@@ -135,6 +139,8 @@ def validate_study(config: StudyConfig, *, trust_remote_code: bool = False, prog
     depths = {name: info.depth for name, info in infos.items()}
     _check_m(config, depths)
     d, train = config.data, config.train
+    if train.budget_unit == "flops":  # checked in the base's tokens; each arm converts its own in its trial
+        train = train.in_tokens(min(_flops_per_token(info.config, d.seq_len) for info in infos.values()))
     plan_budget(train, seq_len=d.seq_len, num_train_rows=train.tokens // d.seq_len)  # one step fits, multiples
     plan_points(train)  # every budget point at least a step, one step from the next, after the warmup
     val_rows = d.val_tokens // d.seq_len
@@ -155,6 +161,13 @@ def validate_study(config: StudyConfig, *, trust_remote_code: bool = False, prog
             plan_budget(train, seq_len=d.seq_len, num_train_rows=int(data.train.shape[0]))
             built.add(key)
     return depths
+
+
+def _flops_per_token(model_config, seq_len: int) -> int:
+    """Training FLOPs per token of a model of ``model_config``, counted on the meta device."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    return training_flops_per_token(model_config, count_params(model)["active"], seq_len)
 
 
 def _vocab_size(model_config) -> int | None:

@@ -24,11 +24,12 @@ __all__ = ["COLUMNS", "BUDGET_COLUMNS", "STATES", "read_records", "trial_rows", 
 COLUMNS = ["study", "trial", "state", "base", "method", "n", "m", "s", "repeat", "lr", "seed", "data_order_seed",
            "peak_lr", "params_total", "params_active", "tokens", "branch_tokens", "flops", "val_loss", "val_ppl",
            "objective", "wall_s", "train_s", "eval_s", "device", "fail_reason"]
-# budgets.csv: one row per trial and budget point (``budget_tokens``: the point; ``tokens`` and
-# ``flops``: what the model scored there was trained on, its branch's cooldown included)
+# budgets.csv: one row per trial and budget point (``budget``: the point in the study's unit, tokens or
+# FLOPs, the same for every arm; ``budget_tokens``: it in this arm's tokens; ``tokens`` and ``flops``: what
+# the model scored there was trained on, its branch's cooldown included)
 BUDGET_COLUMNS = ["study", "trial", "state", "base", "method", "n", "m", "s", "repeat", "lr", "seed",
-                  "data_order_seed", "peak_lr", "params_total", "params_active", "flops_per_token", "budget_tokens",
-                  "tokens", "flops", "branch", "val_loss", "val_ppl", "cpt_val_loss", "objective"]
+                  "data_order_seed", "peak_lr", "params_total", "params_active", "flops_per_token", "budget",
+                  "budget_tokens", "tokens", "flops", "branch", "val_loss", "val_ppl", "cpt_val_loss", "objective"]
 _INTS = ("trial", "n", "m", "s", "repeat", "seed", "data_order_seed", "params_total", "params_active", "tokens",
          "branch_tokens", "budget_tokens", "flops_per_token")
 # result.json's status -> the table's state (Optuna's COMPLETE, PRUNED, FAIL)
@@ -67,7 +68,7 @@ def _point_rows(name: str, number: int, state: str, record: dict) -> list[dict]:
         metrics = point.get("metrics") or {}
         row = {k: record.get(k) for k in BUDGET_COLUMNS}
         row.update(study=name, trial=number, state=state, **{k: point.get(k) for k in
-                   ("budget_tokens", "tokens", "flops", "branch", "cpt_val_loss", "objective")},
+                   ("budget", "budget_tokens", "tokens", "flops", "branch", "cpt_val_loss", "objective")},
                    val_loss=metrics.get("val_loss"), val_ppl=metrics.get("val_ppl"))
         row.update({k: v for k, v in metrics.items() if k not in ("val_loss", "val_ppl")})
         rows.append(row)

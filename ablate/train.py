@@ -52,7 +52,8 @@ Finite = dict(allow_inf_nan=False)  # NaN / inf are rejected with the field's na
 class TrainConfig(pydantic.BaseModel, extra="forbid"):
     """Settings of one CPT run. ``tokens`` is the budget, the same for every arm of a study."""
 
-    tokens: int = Field(gt=0, description="CPT budget in training tokens; trained tokens are "
+    tokens: int = Field(gt=0, description="CPT budget in training tokens (in FLOPs with budget_unit flops); "
+                        "trained tokens are "
                         "(tokens // tokens_per_step) * tokens_per_step, stated in the result.")
     micro_batch_size: int = Field(8, gt=0, description="Rows per forward/backward pass on each "
                                   "process; lower it when memory runs out, it does not change the maths.")
@@ -84,6 +85,11 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
     warmup_tokens: int | None = Field(None, ge=0, description="Warmup in tokens (rounded to whole steps); "
                                       "schedule wsd needs it, since its warmup must not depend on the budget "
                                       "points; with cosine it replaces the `warmup` fraction.")
+    budget_unit: Literal["tokens", "flops"] = Field("tokens", description="tokens: `tokens` and `budgets` are "
+                                                    "CPT tokens, the same for every arm. flops: they are training "
+                                                    "FLOPs (e.g. 1.0e12), and each arm trains budget / its training "
+                                                    "FLOPs per token tokens (6 x active parameters plus attention), "
+                                                    "so a deeper or MoE arm trains fewer tokens: equal compute.")
     branch_state: Literal["memory", "disk"] = Field("memory", description="schedule wsd: where the state at a "
                                                     "fork waits while its branch trains: a copy in memory "
                                                     "(parameters and AdamW moments: about 3x the fp32 weights) "
@@ -118,7 +124,8 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
     def _tokens_from_budgets(cls, data):
         """``budgets`` alone gives ``tokens``: the last budget point is the whole run."""
         if isinstance(data, dict) and data.get("tokens") is None and isinstance(data.get("budgets"), list) \
-                and data["budgets"] and all(isinstance(b, int) for b in data["budgets"]):
+                and data["budgets"] and all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                            for b in data["budgets"]):
             data = {**data, "tokens": max(data["budgets"])}
         return data
 
@@ -161,6 +168,27 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
             raise ValueError("schedule wsd needs train.warmup_tokens (the warmup in tokens, the same for every "
                              "budget point; e.g. a tenth of the first budget point)")
         return self
+
+    def in_tokens(self, flops_per_token: int) -> TrainConfig:
+        """These settings with the budget in tokens for an arm of ``flops_per_token`` training FLOPs per
+        token (budget_unit flops; the same settings under tokens). Each point rounds down to whole steps."""
+        if self.budget_unit == "tokens":
+            return self
+        step = self.tokens_per_step
+
+        def convert(flops: int) -> int:
+            tokens = flops // flops_per_token // step * step
+            if tokens == 0:
+                raise UserError(f"the FLOP budget {flops:.3g} is less than one step of {step} tokens for an arm "
+                                f"of {flops_per_token:,} training FLOPs per token ({step * flops_per_token:.3g} "
+                                "FLOPs); raise the budget or lower tokens_per_step")
+            return tokens
+
+        budgets = [convert(b) for b in self.budgets] if self.budgets else None
+        if budgets and len(set(budgets)) != len(budgets):
+            raise UserError(f"the FLOP budgets {self.budgets} round to the same steps ({budgets} tokens) for an arm "
+                            f"of {flops_per_token:,} FLOPs per token; space them further apart")
+        return self.model_copy(update={"budget_unit": "tokens", "tokens": convert(self.tokens), "budgets": budgets})
 
     @property
     def lr_grid(self) -> list[float]:
@@ -436,6 +464,9 @@ def continue_pretraining(model: torch.nn.Module, data: PackedData, config: Train
     # because accelerate's mixed_precision is process-global and cannot change between trials.
     # cpu=True without CUDA: else a multi-process launch on CPUs silently runs unsynchronised.
     accelerator = Accelerator(cpu=cpu or not torch.cuda.is_available())
+    if config.budget_unit != "tokens":
+        raise UserError("budget_unit flops: convert the budget to this model's tokens first "
+                        "(TrainConfig.in_tokens(flops_per_token))")
     if isinstance(config.lr, list):
         raise UserError(f"lr={config.lr} is a grid: a study runs one lr per trial; pass one lr to train")
     if data.val.shape[0] < config.eval_rows:

@@ -45,7 +45,7 @@ from ablate.objective import objective_value
 from ablate.params import count_params, training_flops_per_token
 from ablate.search import SearchSpace
 from ablate.storage import Worker
-from ablate.synthetic import task_names
+from ablate.synthetic import answer_metrics, task_names
 from ablate.train import continue_pretraining
 from ablate.upscale import depth_upscale
 from ablate.zoobuild import build_many
@@ -85,12 +85,18 @@ class Workspace:
             self._bases[label] = (model.to(self.device).eval(), tokenizer)
         return self._bases[label]
 
-    def data(self, tokenizer):
-        """Packed CPT and held-out rows for this tokenizer (cached on disk by ablate.data)."""
+    def data(self, tokenizer, tokens: int | None = None):
+        """Packed CPT and held-out rows for this tokenizer, at least ``tokens`` of CPT rows (default: the
+        study's budget; an arm of an equal-FLOPs study may need more). Cached on disk by ablate.data;
+        packing is prefix-stable, so a larger packing begins with the rows of a smaller one."""
         key = tokenizer_fingerprint(tokenizer)
-        if key not in self._data:
+        train = self.config.train
+        if tokens is None:  # equal FLOPs: each arm asks for its own tokens; nocpt needs held-out rows only
+            tokens = train.tokens if train.budget_unit == "tokens" else train.tokens_per_step
+        have = self._data.get(key)
+        if have is None or have.train_tokens < tokens:
             d = self.config.data
-            self._data[key] = load_packed(d.source, tokenizer, seq_len=d.seq_len, train_tokens=self.config.train.tokens,
+            self._data[key] = load_packed(d.source, tokenizer, seq_len=d.seq_len, train_tokens=tokens,
                                           val_tokens=d.val_tokens, seed=d.seed, progress=self.progress)
         return self._data[key]
 
@@ -143,6 +149,8 @@ def _evaluate(ws: Workspace, model, tokenizer, data) -> dict:
         metrics.update(evaluate(model, tokenizer, tasks, include_path=ws.tasks_dir, subset=ev.subset,
                                 subset_seed=ev.subset_seed, num_fewshot=shots, batch_size=ev.batch_size,
                                 progress=ws.progress))
+    if ev.synthetic_tasks:  # the answer tokens' loss and accuracy per level k (objective answer_loss)
+        metrics.update(answer_metrics(model, tokenizer))
     return metrics
 
 
@@ -159,15 +167,19 @@ def run_trial(ws: Workspace, arm, out_dir: Path, on_eval: Callable[[int, int, fl
     """
     t0 = time.perf_counter()
     base, tokenizer = ws.base(arm.base)
-    data = ws.data(tokenizer)
     n = base.config.num_hidden_layers
     train_cfg = train_config_for(ws.config.train, arm)
+    seq_len = ws.config.data.seq_len
     if arm.method == "nocpt":
-        return _no_cpt_record(ws, arm, base, tokenizer, data, train_cfg, t0)
+        return _no_cpt_record(ws, arm, base, tokenizer, ws.data(tokenizer), t0)
     variant = build_variant(ws, arm, base)
     params = count_params(variant)
     s = variant.config.num_hidden_layers
-    flops_per_token = training_flops_per_token(variant.config, params["active"], data.seq_len)
+    flops_per_token = training_flops_per_token(variant.config, params["active"], seq_len)
+    nominal = train_cfg.budget_points  # in the study's unit: tokens, or FLOPs
+    train_cfg = train_cfg.in_tokens(flops_per_token)
+    data = ws.data(tokenizer, train_cfg.tokens)
+    tps = train_cfg.tokens_per_step
     t1 = time.perf_counter()
     points: list[dict] = []
     eval_s = 0.0
@@ -178,18 +190,21 @@ def run_trial(ws: Workspace, arm, out_dir: Path, on_eval: Callable[[int, int, fl
         metrics = _evaluate(ws, variant, tokenizer, data)
         objective = objective_value(metrics, ws.config.eval.objective)
         eval_s += time.perf_counter() - e0
-        points.append({"budget_tokens": point.tokens, "tokens": info["tokens"],
+        points.append({"budget": nominal[point.index], "budget_tokens": point.tokens, "tokens": info["tokens"],
                        "flops": flops_per_token * info["tokens"], "steps": info["steps"],
                        "branch": info["branch"], "cpt_val_loss": info["val_loss"], "metrics": metrics,
                        "objective": objective, "eval_s": round(time.perf_counter() - e0, 3)})
-        return bool(on_point(point.tokens, objective)) if on_point is not None else False
+        # Optuna's step: the point in the study's unit, in whole steps (pruner rungs are the same numbers)
+        step = nominal[point.index] // tps * tps
+        return bool(on_point(step, objective)) if on_point is not None else False
 
     result = continue_pretraining(variant, data, train_cfg, on_eval=on_eval, on_point=evaluate_point,
                                   out_dir=out_dir, progress=ws.progress, cpu=str(ws.device) == "cpu")
     t2 = time.perf_counter()
     record = {
         **arm.to_dict(), "n": n, "s": s, "seed": train_cfg.seed, "data_order_seed": train_cfg.data_order_seed,
-        "peak_lr": train_cfg.lr, "params_total": params["total"], "params_active": params["active"],
+        "peak_lr": train_cfg.lr, "budget_unit": ws.config.train.budget_unit, "params_total": params["total"],
+        "params_active": params["active"],
         "tokens": result.tokens, "branch_tokens": result.branch_tokens,
         # training FLOPs: 6 x active parameters per token (forward and backward matmuls) plus attention
         # (6 x layers x seq_len x hidden, Kaplan et al. 2020); branches' cooldowns excluded (see branch_tokens)
@@ -214,7 +229,7 @@ def run_trial(ws: Workspace, arm, out_dir: Path, on_eval: Callable[[int, int, fl
     return record
 
 
-def _no_cpt_record(ws: Workspace, arm, base, tokenizer, data, train_cfg, t0: float) -> dict:
+def _no_cpt_record(ws: Workspace, arm, base, tokenizer, data, t0: float) -> dict:
     """The reference every study has: the base as it is, no CPT, scored like every arm."""
     params = count_params(base)
     t1 = time.perf_counter()
@@ -222,8 +237,8 @@ def _no_cpt_record(ws: Workspace, arm, base, tokenizer, data, train_cfg, t0: flo
     objective = objective_value(metrics, ws.config.eval.objective)
     t2 = time.perf_counter()
     n = base.config.num_hidden_layers
-    point = {"budget_tokens": 0, "tokens": 0, "flops": 0, "steps": 0, "branch": False, "cpt_val_loss": None,
-             "metrics": metrics, "objective": objective, "eval_s": round(t2 - t1, 3)}
+    point = {"budget": 0, "budget_tokens": 0, "tokens": 0, "flops": 0, "steps": 0, "branch": False,
+             "cpt_val_loss": None, "metrics": metrics, "objective": objective, "eval_s": round(t2 - t1, 3)}
     return {**arm.to_dict(), "n": n, "s": n, "seed": None, "data_order_seed": None, "peak_lr": None,
             "params_total": params["total"], "params_active": params["active"], "tokens": 0, "branch_tokens": 0,
             "flops": 0, "flops_per_token": training_flops_per_token(base.config, params["active"], data.seq_len),

@@ -158,10 +158,9 @@ def test_through_the_cli_a_branch_equals_the_standalone_study(home, tmp_path):
     the 512-token point of every arm has the same scores to the last bit."""
     wsd_train = {"schedule": "wsd", "warmup_tokens": 128, "cooldown": 0.25, "tokens_per_step": 128,
                  "micro_batch_size": 4, "lr": 1e-3, "eval_every": 2, "eval_rows": 8, "precision": "fp32"}
-    many = home.write(tmp_path, "many", train={**wsd_train, "budgets": [256, 512, 1024]},
-                      bases=[{"model": str(home.base), "label": "tiny", "m": [1, 2]}], methods={"dus": True, "moe": None})
-    one = home.write(tmp_path, "one", train={**wsd_train, "tokens": 512, "budgets": [512]},
-                     bases=[{"model": str(home.base), "label": "tiny", "m": [1, 2]}], methods={"dus": True, "moe": None})
+    arms = dict(bases=[{"model": str(home.base), "label": "tiny", "m": [1, 2]}], methods={"dus": True, "moe": None})
+    many = home.write(tmp_path, "many", train={**wsd_train, "budgets": [256, 512, 1024]}, **arms)
+    one = home.write(tmp_path, "one", train={**wsd_train, "tokens": 512, "budgets": [512]}, **arms)
     for config in (many, one):
         done = home.run(["--config", str(config), "--trials", "3", "--out", "runs", "--quiet"], tmp_path)
         assert done.returncode == 0, done.stderr
@@ -179,3 +178,49 @@ def test_through_the_cli_a_branch_equals_the_standalone_study(home, tmp_path):
     rows = [dict(zip(header, line.split(","), strict=False)) for line in results[1:]]
     assert {r["branch_tokens"] for r in rows if r["method"] == "dus"} == {str(2 * 128)}
     assert {r["tokens"] for r in rows if r["method"] == "dus"} == {"1024"}
+
+
+def test_flops_per_token_on_mistral_7b():
+    """6N + 6 * layers * context * attention width (Kaplan et al. 2020) on MISSION.md's reference model."""
+    from transformers import MistralConfig
+
+    from ablate.params import inference_flops_per_token, training_flops_per_token
+
+    config = MistralConfig()  # 32 layers, 32 heads x 128 = 4096 wide, 7,241,732,096 parameters
+    n = 7_241_732_096
+    assert inference_flops_per_token(config, n, 4096) == 2 * n + 2 * 32 * 4096 * 4096
+    assert training_flops_per_token(config, n, 4096) == 46_671_618_048 == 6 * n + 6 * 32 * 4096 * 4096
+
+
+def test_flop_budgets_become_each_arms_tokens():
+    config = TrainConfig(budget_unit="flops", budgets=[4_000 * STEP, 16_000 * STEP], schedule="wsd",
+                         warmup_tokens=0, tokens_per_step=STEP)
+    shallow, deep = config.in_tokens(1_000), config.in_tokens(3_000)
+    assert (shallow.budget_unit, shallow.budgets, shallow.tokens) == ("tokens", [4 * STEP, 16 * STEP], 16 * STEP)
+    # 4,000 x 512 / 3,000 = 682.7 tokens: one step of 512; 16,000 x 512 / 3,000 = 2,730.7: five steps
+    assert (deep.budgets, deep.tokens) == ([STEP, 5 * STEP], 5 * STEP)
+    with pytest.raises(UserError, match="less than one step"):
+        config.in_tokens(10**9)
+    assert TrainConfig(tokens=STEP).in_tokens(123) == TrainConfig(tokens=STEP)
+    with pytest.raises(UserError, match="convert the budget"):
+        continue_pretraining(tiny_model("llama", 2), random_data(), config, progress=False)
+
+
+def test_equal_flops_study_gives_deeper_arms_fewer_tokens(home, tmp_path):
+    from ablate.config import parse_config
+    from ablate.results import load_budgets
+    from ablate.study import run_study
+
+    train = {"schedule": "wsd", "budget_unit": "flops", "budgets": [2e8, 8e8], "warmup_tokens": 0,
+             "tokens_per_step": 128, "micro_batch_size": 4, "lr": 1e-3, "eval_every": 4, "eval_rows": 8,
+             "precision": "fp32"}
+    config = parse_config(home.tree("flops", train=train, methods={"dus": True, "moe": None},
+                                    bases=[{"model": str(home.base), "label": "tiny", "m": [0, 2]}]))
+    run_study(config, trials=3, out=tmp_path, progress=False)
+    frame = load_budgets(tmp_path / "flops")
+    dus = frame[frame.method == "dus"].set_index(["m", "budget"])
+    deep, base = dus.loc[(0, 8e8)], dus.loc[(2, 8e8)]
+    assert deep.flops_per_token > base.flops_per_token and deep.tokens < base.tokens
+    for row in (deep, base):  # each trained the tokens its FLOPs buy, in whole steps
+        assert row.tokens == 8e8 // row.flops_per_token // 128 * 128
+        assert row.flops == row.tokens * row.flops_per_token <= 8e8
