@@ -226,6 +226,16 @@ class StudyConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _objective(self):
+        objective = self.eval.objective
+        synthetic = [k for k in objective.keys if re.match(r"(answer|answer_k\d+|synth_k\d+)/", k)]
+        if not self.eval.synthetic_tasks and (objective.kind in ("answer_loss", "answer_acc") or synthetic):
+            what = f"kind {objective.kind}" if not synthetic else f"key {synthetic[0]}"
+            raise ValueError(f"eval.objective {what} is measured on the synthetic tasks; set eval.synthetic_tasks: "
+                             "true, or choose another objective")
+        return self
+
+    @model_validator(mode="after")
     def _pruner(self):
         kind, train = self.pruner.kind, self.train
         if kind not in ("hyperband", "successive_halving"):

@@ -225,6 +225,8 @@ CASES += [  # issue 13: the budget axis's pruners, the lr grid and the no-CPT re
          "pruner.min_fraction: Input should be less than or equal to 1"),
     Case("base-without-an-arm", "study", study("--set", "methods.dus=false", "--set", "bases.0.moe=false"),
          "'tiny' has no arm to run (methods.dus is off and its moe is false)"),
+    Case("answer-loss-without-synthetic-tasks", "study", study("--set", "eval.objective.kind=answer_loss"),
+         "eval.objective kind answer_loss is measured on the synthetic tasks; set eval.synthetic_tasks: true"),
     Case("budget-point-below-one-step", "study",
          study("--set", "train.schedule=wsd", "--set", "train.warmup_tokens=0", "--set", "train.budgets=[100,512]"),
          "the budget point 100 is smaller than one step (tokens_per_step=256)"),

@@ -72,6 +72,13 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
     ({"methods": {"dus": False}, "bases": [{"model": "x"}, {"model": "y", "moe": False}]},
      "'y' has no arm to run (methods.dus is off and its moe is false)"),
     ({"methods": {"nocpt": "maybe"}}, "methods.nocpt"),
+    ({"eval": {"synthetic_tasks": False, "objective": {"kind": "answer_loss"}}},
+     "eval.objective kind answer_loss is measured on the synthetic tasks; set eval.synthetic_tasks: true"),
+    ({"eval": {"synthetic_tasks": False, "objective": {"kind": "answer_acc"}}}, "kind answer_acc is measured"),
+    ({"eval": {"synthetic_tasks": False, "objective": {"kind": "mean", "keys": ["arc/acc", "synth_k2/acc"]}}},
+     "eval.objective key synth_k2/acc is measured on the synthetic tasks"),
+    ({"eval": {"synthetic_tasks": False, "objective": {"kind": "metric", "keys": ["answer_k3/acc"]}}},
+     "key answer_k3/acc is measured"),
 ])
 def test_bad_configs_name_the_key(change, expected):
     tree = {**MINIMAL, **change}
@@ -106,6 +113,16 @@ def test_a_study_yaml_with_an_lr_grid_budgets_and_a_pruner(tmp_path):
     assert config.train.tokens == 16384 and config.train.lr == [1e-3, 3e-3] and not config.methods.nocpt
     assert config.pruner.kind == "successive_halving"
     assert parse_config(MINIMAL).methods.nocpt is True  # the reference row is on by default
+
+
+@pytest.mark.parametrize("objective", [{"kind": "answer_loss"}, {"kind": "answer_acc"},
+                                       {"kind": "metric", "keys": ["synth_k1/acc"]}])
+def test_synthetic_objectives_with_the_synthetic_tasks(objective):
+    config = parse_config({**MINIMAL, "eval": {"synthetic_tasks": True, "objective": objective}})
+    assert config.eval.objective.kind == objective["kind"]
+    other = parse_config({**MINIMAL, "eval": {"synthetic_tasks": False, "tasks": ["arc_easy"],
+                                              "objective": {"kind": "metric", "keys": ["arc_easy/acc"]}}})
+    assert other.eval.objective.keys == ["arc_easy/acc"]
 
 
 def test_rung_points_and_the_guard():
