@@ -34,7 +34,7 @@ _INTS = ("trial", "n", "m", "s", "repeat", "seed", "data_order_seed", "params_to
          "branch_tokens", "budget_tokens", "flops_per_token")
 # result.json's status -> the table's state (Optuna's COMPLETE, PRUNED, FAIL)
 STATES = {"completed": "complete", "stopped": "pruned", "failed": "fail"}
-ARM = ("base", "method", "m", "repeat")
+ARM = ("base", "method", "m", "repeat", "lr")
 
 
 def read_records(study_dir: str | Path) -> dict[int, dict]:

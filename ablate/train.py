@@ -136,7 +136,7 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
         if not values:
             raise ValueError("the lr grid is empty; give one lr or a list of them")
         if not all(math.isfinite(v) and v > 0 for v in values):
-            raise ValueError(f"every lr must be a positive finite number, got {lr}")
+            raise ValueError("every lr must be a positive finite number")
         if len(set(values)) != len(values):
             raise ValueError(f"the lr grid {lr} repeats a value")
         if isinstance(lr, list) and len(lr) == 1:

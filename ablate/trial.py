@@ -43,15 +43,14 @@ from ablate.fsutil import atomic_dir, atomic_write_json, atomic_write_text
 from ablate.moe import upcycle
 from ablate.objective import objective_value
 from ablate.params import count_params, training_flops_per_token
-from ablate.search import SearchSpace
+from ablate.search import NOCPT, SearchSpace, train_config_for
 from ablate.storage import Worker
 from ablate.synthetic import answer_metrics, task_names
 from ablate.train import continue_pretraining
 from ablate.upscale import depth_upscale
 from ablate.zoobuild import build_many
 
-__all__ = ["TrialFailed", "Workspace", "Objective", "run_trial", "repeat_train_config", "train_config_for",
-           "environment"]
+__all__ = ["TrialFailed", "Workspace", "Objective", "run_trial", "repeat_train_config", "environment"]
 
 
 class TrialFailed(Exception):
@@ -131,15 +130,6 @@ def repeat_train_config(train, repeat: int):
     return train.model_copy(update={"seed": train.seed + repeat, "data_order_seed": order})
 
 
-def train_config_for(train, arm):
-    """The CPT settings of ``arm``: its repeat's seed and data order, and its lr of the study's grid."""
-    train = repeat_train_config(train, arm.repeat)
-    lr = getattr(arm, "lr", None)
-    if lr is None and isinstance(train.lr, list):
-        lr = train.lr[0]
-    return train if lr is None else train.model_copy(update={"lr": lr})
-
-
 def _evaluate(ws: Workspace, model, tokenizer, data) -> dict:
     """Every score of a model: held-out loss and perplexity, and each evaluation task."""
     ev = ws.config.eval
@@ -168,10 +158,10 @@ def run_trial(ws: Workspace, arm, out_dir: Path, on_eval: Callable[[int, int, fl
     t0 = time.perf_counter()
     base, tokenizer = ws.base(arm.base)
     n = base.config.num_hidden_layers
-    train_cfg = train_config_for(ws.config.train, arm)
-    seq_len = ws.config.data.seq_len
-    if arm.method == "nocpt":
+    if arm.method == NOCPT:
         return _no_cpt_record(ws, arm, base, tokenizer, ws.data(tokenizer), t0)
+    train_cfg = repeat_train_config(train_config_for(ws.config.train, arm), arm.repeat)
+    seq_len = ws.config.data.seq_len
     variant = build_variant(ws, arm, base)
     params = count_params(variant)
     s = variant.config.num_hidden_layers

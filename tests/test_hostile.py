@@ -524,8 +524,8 @@ def test_a_study_with_too_many_configurations_is_refused_before_anything_is_writ
 
     kit = make_kit(tmp_path / "kit")
     monkeypatch.setenv("ABLATE_HOME", str(kit.home))
-    monkeypatch.setattr(preflight, "MAX_CONFIGURATIONS", 7)  # 4 configurations per repeat: 2 repeats are 8
-    with pytest.raises(UserError, match="has 8 configurations, over 7"):
+    monkeypatch.setattr(preflight, "MAX_CONFIGURATIONS", 7)  # 4 per repeat, 2 repeats, and the no-CPT reference
+    with pytest.raises(UserError, match="has 9 configurations, over 7"):
         run_study(parse_config(kit.tree(repeats=2)), trials=1, out=tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 

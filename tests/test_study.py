@@ -14,7 +14,8 @@ from ablate.search import Arm, SearchSpace
 from ablate.study import run_study
 from ablate.trial import Objective, Workspace
 
-CONTROLS = [("tiny", "dus", 2, 0), ("tiny", "moe", None, 0), ("tiny", "dus", 1, 0)]  # m=n/2, MoE, m=n/4
+# the base with no CPT, then m=n/2, MoE, m=n/4
+CONTROLS = [("tiny", "nocpt", None, 0), ("tiny", "dus", 2, 0), ("tiny", "moe", None, 0), ("tiny", "dus", 1, 0)]
 
 
 def test_objective_with_a_fixed_trial(home, tmp_path):
@@ -52,18 +53,18 @@ def test_repeats_train_the_same_rows_in_another_order(home, tmp_path):
 
 def test_tiny_study_end_to_end_and_continued(home, tmp_path):
     config = parse_config(home.tree())
-    summary = run_study(config, trials=3, out=tmp_path, progress=False)
+    summary = run_study(config, trials=4, out=tmp_path, progress=False)
     study_dir = tmp_path / "tiny-study"
     assert check_study(study_dir) == []
     trials = load_trials(study_dir)
     assert finished_arms(trials) == CONTROLS  # the controls were queued first, in order
-    assert summary["tiny"]["complete"] == 3 and summary["tiny"]["control"] is not None
+    assert summary["tiny"]["complete"] == 4 and summary["tiny"]["control"] is not None
     before = {p.name: (p / "result.json").read_bytes() for p in (study_dir / "trials").iterdir()}
 
-    run_study(config, trials=10, out=tmp_path, progress=False)  # only 4 configurations exist: stops at 4
+    run_study(config, trials=10, out=tmp_path, progress=False)  # only 5 configurations exist: stops at 5
     trials = load_trials(study_dir)
     arms = finished_arms(trials)
-    assert len(arms) == len(set(arms)) == 4 and arms[:3] == CONTROLS
+    assert len(arms) == len(set(arms)) == 5 and arms[:4] == CONTROLS
     assert all((study_dir / "trials" / name / "result.json").read_bytes() == data for name, data in before.items())
     assert check_study(study_dir) == []
 
