@@ -232,13 +232,16 @@ def _best_table(s: dict, direction: str, unit: str) -> Table:
 
 
 def _lr_table(s: dict, unit: str) -> Table:
-    table = Table(title=f"{s['base']}: lr chosen per arm and budget point on held-out loss (never the eval items)",
-                  title_justify="left")
+    table = Table(title=f"{s['base']}: the lr of each arm, chosen on held-out loss", title_justify="left",
+                  caption="never on the evaluation items; the comparisons above use it", caption_justify="left")
     for col in ("budget", "arm", "lr", "held-out loss by lr (repeats)"):
         table.add_column(col, justify="left" if col != "budget" else "right")
     last = None
-    for c in s["lr_choices"]:
-        table.add_row(_budget(c["budget"], unit) if c["budget"] != last else "", c["arm"], _lr(c["lr"]), c["tried"])
+    for c in sorted(s["lr_choices"], key=lambda c: (c["budget"], c["method"] != "dus", c["m"] or 0)):
+        first = c["budget"] != last
+        if first and last is not None:
+            table.add_section()
+        table.add_row(_budget(c["budget"], unit) if first else "", c["arm"], _lr(c["lr"]), c["tried"])
         last = c["budget"]
     return table
 

@@ -100,7 +100,7 @@ def test_lr_grid_every_arm_at_its_best_lr():
     console = Console(record=True, width=120)
     _budget_lines(console, {**s, "base": "b"}, "minimize", "tokens")
     text = console.export_text()
-    assert "control lr" in text and "lr chosen per arm" in text and "0.001: 3.0000 (2), 0.003: 3.1000 (2)" in text
+    assert "control lr" in text and "the lr of each arm, chosen on held-out loss" in text and "0.001: 3.0000 (2), 0.003: 3.1000 (2)" in text
 
 
 def test_printed_tables_fit_a_100_column_terminal():
