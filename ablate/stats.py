@@ -28,8 +28,8 @@ import warnings
 
 import numpy as np
 
-__all__ = ["CONFIDENCE", "ARMS", "points", "scored", "best_lr", "paired", "verdict", "paired_gaps",
-           "best_m_by_budget", "rank_correlation", "arm_label", "metric_direction"]
+__all__ = ["CONFIDENCE", "ARMS", "points", "scored", "best_lr", "trials_at_best_lr", "paired", "verdict",
+           "paired_gaps", "best_m_by_budget", "arm_means", "rank_correlation", "arm_label", "metric_direction"]
 
 CONFIDENCE = 0.95
 ARMS = ("dus", "moe")  # the methods compared with the control; "nocpt" is a reference, not an arm
@@ -112,6 +112,24 @@ def best_lr(frame):
     pick = pd.Series([chosen.get(k) for k in keys], index=f.index, dtype=float)
     keep = pick.isna() | f["lr"].isna() | np.isclose(f["lr"], pick)
     return f[keep].reset_index(drop=True), choices
+
+
+def trials_at_best_lr(trials, frame):
+    """The rows of ``trials`` (one per trial, :func:`ablate.results.load`) whose arm ran at the lr chosen for it at
+    its base's last budget point in ``frame`` (the budget table); every row when the study has one lr. Rows
+    without an lr (the no-CPT reference) and arms without a choice stay."""
+    _, choices = best_lr(frame)
+    if choices.empty:
+        return trials
+    last = choices[choices["budget"] == choices.groupby("base")["budget"].transform("max")]
+    chosen = {(b, meth, -1.0 if math.isnan(m) else m): lr
+              for b, meth, m, lr in zip(last["base"], last["method"], last["m"], last["lr"], strict=True)}
+    m = trials["m"].astype(float).fillna(-1.0)
+    pick = np.array([chosen.get(k, np.nan) for k in zip(trials["base"], trials["method"], m, strict=True)],
+                    dtype=float)
+    lr = trials["lr"].astype(float).to_numpy() if "lr" in trials else np.full(len(trials), np.nan)
+    keep = np.isnan(pick) | np.isnan(lr) | np.isclose(lr, pick)
+    return trials[keep].reset_index(drop=True)
 
 
 def _by_repeat(rows, column: str):
@@ -280,16 +298,30 @@ def _spearman(x, y) -> tuple[float, float]:
 
 
 def arm_means(frame, metric: str = "objective", *, per_lr: bool = False):
-    """Mean ``metric`` over repeats per base, budget point and arm (at its chosen lr, or per lr with ``per_lr``):
-    columns base, budget, method, m, arm, lr, mean, count."""
-    f = scored(frame if per_lr else best_lr(frame)[0], metric).assign(_m=lambda x: _mkey(x),
-                                                                       _lr=lambda x: x["lr"].fillna(-1.0))
-    g = f.groupby(["base", "budget", "method", "_m", "_lr"], sort=True)[metric]
-    out = g.agg(["mean", "count"]).reset_index()
+    """Per base, budget point and arm (at its chosen lr, or per lr with ``per_lr``), over repeats: count, mean,
+    sd, the 95% t interval of the mean (half, lo, hi; NaN with one repeat), and the means of ``tokens``,
+    ``flops`` and ``flops_per_token`` where the table has them. Columns: base, n, budget, method, m, arm, lr,
+    count, mean, sd, half, lo, hi, tokens, flops, flops_per_token."""
+    import pandas as pd
+    from scipy.stats import t
+
+    f = scored(frame if per_lr else best_lr(frame)[0], metric)
+    f = f.assign(_m=_mkey(f), _lr=f["lr"].fillna(-1.0))
+    for col in ("n", "tokens", "flops", "flops_per_token"):
+        f[col] = f[col].astype(float) if col in f else np.nan
+    g = f.groupby(["base", "budget", "method", "_m", "_lr"], sort=True)
+    out = g[metric].agg(["count", "mean", "std"]).reset_index().rename(columns={"std": "sd"})
+    sizes = g[["n", "tokens", "flops", "flops_per_token"]].mean().reset_index(drop=True)
+    out = pd.concat([out, sizes], axis=1)
+    dof = (out["count"] - 1).clip(lower=1)
+    out["half"] = (t.ppf(0.5 + CONFIDENCE / 2, dof) * out["sd"] / np.sqrt(out["count"])).where(out["count"] > 1)
+    out["lo"], out["hi"] = out["mean"] - out["half"], out["mean"] + out["half"]
     out["m"] = out["_m"].where(out["_m"] >= 0)
     out["lr"] = out["_lr"].where(out["_lr"] >= 0)
     out["arm"] = [arm_label(a, m) for a, m in zip(out["method"], out["m"], strict=True)]
-    return out[["base", "budget", "method", "m", "arm", "lr", "mean", "count"]]
+    columns = ["base", "n", "budget", "method", "m", "arm", "lr", "count", "mean", "sd", "half", "lo", "hi", "tokens",
+               "flops", "flops_per_token"]
+    return out[columns]
 
 
 def rank_correlation(frame, metric: str = "objective", *, against: str = "next", per_lr: bool = False):

@@ -216,3 +216,16 @@ def test_metric_direction():
     assert stats.metric_direction("answer_k3/loss") == "minimize" == stats.metric_direction("val_ppl")
     assert stats.metric_direction("answer/acc", "minimize") == "maximize"
     assert stats.metric_direction("gsm8k/exact_match,strict-match") == "maximize"
+
+
+def test_arm_means_t_interval_and_trials_at_the_chosen_lr():
+    df = frame(grid_rows())
+    means = stats.arm_means(df)
+    control = means[means["arm"] == "DUS m=2"].iloc[0]  # at lr 1e-3: 2.00, 2.01, 2.02
+    assert (control["lr"], control["count"]) == (1e-3, 3) and control["mean"] == pytest.approx(2.01)
+    assert control["half"] == pytest.approx(T_975_DF2 * 0.01 / math.sqrt(3))
+    assert len(stats.arm_means(df, per_lr=True)) == 4  # two arms at two lrs
+    trials = pd.DataFrame({"base": "b", "method": ["dus"] * 4 + ["nocpt"], "m": [2, 2, 0, 0, None],
+                           "lr": [1e-3, 3e-3, 1e-3, 3e-3, None], "trial": range(5)})
+    assert list(stats.trials_at_best_lr(trials, df)["trial"]) == [0, 3, 4]
+    assert len(stats.trials_at_best_lr(trials, frame(arm("dus", 2, CONTROL)))) == 5  # one lr: nothing dropped
