@@ -470,7 +470,7 @@ class _Rows:
         self.docs += docs
         buf = np.concatenate([self.pending, tokens])
         k = min(buf.size // self.seq_len, self.capacity - self.filled)
-        rows = buf[:k * self.seq_len].reshape(k, -1)
+        rows = buf[:k * self.seq_len].reshape(k, self.seq_len)
         done = 0
         while done < k:  # window by window
             count = min(k - done, SHUFFLE_WINDOW - (self.filled % SHUFFLE_WINDOW))
