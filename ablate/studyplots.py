@@ -92,11 +92,13 @@ def optimization_history(study, *, label: str = "objective"):
 
 
 def _flat_study(done, direction):
-    """Complete trials re-parametrised as (base, arm, repeat) from their user attributes.
+    """Complete trials re-parametrised as (base, arm, repeat, and lr where there is a grid) from their user
+    attributes.
 
     A study's own parameters are conditional (``m_<base>`` exists only for DUS trials of
     that base), and fANOVA only sees parameters every trial has; here every trial has all
-    three, so the importance of the arm (m or MoE) shows.
+    of them, so the importance of the arm (m or MoE) shows. The no-CPT reference is left out:
+    it is not an arm, and has no repeat or lr.
     """
     import optuna
     from optuna.distributions import CategoricalDistribution
@@ -105,12 +107,14 @@ def _flat_study(done, direction):
     rows = []
     for t in done:
         a = t.user_attrs
-        if t.state.name != "COMPLETE" or a.get("base") is None or a.get("method") is None:
+        if t.state.name != "COMPLETE" or a.get("base") is None or a.get("method") not in ("dus", "moe"):
             continue
         arm = "MoE" if a["method"] == "moe" else f"DUS m={int(a['m'])}"
-        rows.append(({"base": str(a["base"]), "arm": arm, "repeat": str(a.get("repeat", 0))}, t.value))
-    names = [k for k in ("base", "arm", "repeat") if len({p[k] for p, _ in rows}) > 1]
-    key = {"arm": lambda v: (v == "MoE", int(v.split("=")[1]) if v != "MoE" else 0)}
+        rows.append(({"base": str(a["base"]), "arm": arm, "repeat": str(a.get("repeat", 0)),
+                      "lr": f"{a['lr']:g}" if a.get("lr") is not None else "-"}, t.value))
+    names = [k for k in ("base", "arm", "repeat", "lr") if len({p[k] for p, _ in rows}) > 1]
+    key = {"arm": lambda v: (v == "MoE", int(v.split("=")[1]) if v != "MoE" else 0),
+           "lr": lambda v: float(v) if v != "-" else 0.0}
     dists = {k: CategoricalDistribution(sorted({p[k] for p, _ in rows}, key=key.get(k))) for k in names}
     flat = optuna.create_study(direction=direction)
     flat.add_trials([create_trial(value=v, params={k: p[k] for k in names}, distributions=dists) for p, v in rows])
@@ -118,7 +122,7 @@ def _flat_study(done, direction):
 
 
 def param_importances(study, *, label: str = "objective"):
-    """fANOVA importances (seeded) of base, arm (DUS m or MoE) and repeat, with Optuna's plot."""
+    """fANOVA importances (seeded) of base, arm (DUS m or MoE), repeat and lr (a grid), with Optuna's plot."""
     from optuna.importance import FanovaImportanceEvaluator
     from optuna.visualization.matplotlib import plot_param_importances
 
@@ -127,7 +131,7 @@ def param_importances(study, *, label: str = "objective"):
     flat, complete, names = _flat_study(done, study.direction.name.lower())
     if complete < 2 or not names:
         why = (f"importances need at least 2 complete trials, the study has {complete}" if complete < 2 else
-               "every complete trial has the same base, arm and repeat")
+               "every complete trial has the same base, arm, repeat and lr")
         return message_figure(title, f"not enough trials: {why}")
     evaluator = FanovaImportanceEvaluator(seed=0)  # a seeded forest: the same figure every time
     try:
