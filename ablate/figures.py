@@ -19,16 +19,17 @@ import math
 import sys
 from pathlib import Path
 
-from ablate import plots, studyplots
+from ablate import plots, stats, studyplots
 from ablate.errors import UserError, cli
 from ablate.fsutil import atomic_write_text, check_writable
 from ablate.objective import ObjectiveConfig
 from ablate.plots import arm_stats, best_m, human_count
 from ablate.preflight import resolve_device
 from ablate.redundancy import study_redundancy
-from ablate.results import load, open_study, study_dir_info
+from ablate.results import BUDGET_COLUMNS, load, load_budgets, open_study, study_dir_info
 
-__all__ = ["make_figures", "resolve_study_dir", "objective_label", "read_curves", "results_table", "main"]
+__all__ = ["make_figures", "resolve_study_dir", "objective_label", "read_curves", "read_branches", "load_points",
+           "results_table", "budget_tables", "main"]
 
 FINISHED = ("complete", "pruned", "fail")
 
@@ -61,20 +62,49 @@ def objective_label(info: dict) -> tuple[str, str, str]:
     return f"{short} {better}", f"{text} {better}", direction
 
 
+def _metrics(study_dir: Path, number: int) -> list[dict]:
+    path = Path(study_dir) / "trials" / str(number) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def read_curves(study_dir: Path, trials) -> dict:
-    """trial number -> DataFrame of its ``metrics.jsonl`` rows that carry a held-out loss."""
+    """trial number -> DataFrame of the main run's ``metrics.jsonl`` rows that carry a held-out loss.
+
+    Rows with a ``branch`` key belong to a cooldown branch (schedule wsd), not to the main run:
+    :func:`read_branches` reads those.
+    """
     import pandas as pd
 
     out = {}
     for number in sorted(int(t) for t in trials):
-        path = Path(study_dir) / "trials" / str(number) / "metrics.jsonl"
-        if not path.is_file():
-            continue
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        frame = pd.DataFrame([r for r in records if r.get("val_loss") is not None], columns=["step", "tokens",
-                                                                                            "val_loss"])
+        records = [r for r in _metrics(study_dir, number) if r.get("val_loss") is not None and "branch" not in r]
+        frame = pd.DataFrame(records, columns=["step", "tokens", "val_loss"])
         if len(frame):
             out[number] = frame.sort_values("step").reset_index(drop=True)
+    return out
+
+
+def read_branches(study_dir: Path, trials) -> dict:
+    """trial number -> DataFrame of its cooldown branches (schedule wsd), one row each: ``branch`` (its budget
+    point in tokens), ``fork_tokens`` (where it left the main run), ``tokens`` and ``val_loss`` (its end)."""
+    import pandas as pd
+
+    out = {}
+    for number in sorted(int(t) for t in trials):
+        records = _metrics(study_dir, number)
+        per_step = next((r["tokens"] / r["step"] for r in records if r.get("step")), None)
+        rows = []
+        for branch in sorted({r["branch"] for r in records if r.get("branch") is not None}):
+            mine = [r for r in records if r.get("branch") == branch]
+            end = [r for r in mine if r.get("val_loss") is not None]
+            if not end or per_step is None:
+                continue
+            rows.append({"branch": branch, "fork_tokens": min(r["tokens"] for r in mine) - per_step,
+                         "tokens": end[-1]["tokens"], "val_loss": end[-1]["val_loss"]})
+        if rows:
+            out[number] = pd.DataFrame(rows)
     return out
 
 
@@ -105,9 +135,12 @@ def results_table(df, *, direction: str, bases: list[str] | None = None, score: 
             note.append("unchanged base")
         if dus and r["m"] == best.get(r["base"]):
             note.append("best m")
+        if r["method"] == "nocpt":
+            note.append("reference: the base with no CPT")
         key = (r["base"], r["method"], r["m"])
         loss = losses.loc[key, "mean"] if key in losses.index else math.nan
-        rows.append({"base": r["base"], "method": "DUS" if dus else "MoE", "m": str(int(r["m"])) if dus else "-",
+        method = {"dus": "DUS", "moe": "MoE", "nocpt": "no CPT"}.get(r["method"], str(r["method"]))
+        rows.append({"base": r["base"], "method": method, "m": str(int(r["m"])) if dus else "-",
                      "s": str(int(r["s"])) if not math.isnan(r["s"]) else "-",
                      "params (total)": human_count(r["params_total"]),
                      "params (active)": human_count(r["params_active"]),
@@ -116,23 +149,74 @@ def results_table(df, *, direction: str, bases: list[str] | None = None, score: 
     return pd.DataFrame(rows)
 
 
+LEFT = ("base", "method", "note", "arm", "verdict", "tied m", "held-out loss by lr (repeats)")  # text columns
+
+
 def _markdown(table) -> str:
     cols = list(table.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if c in ("base", "method", "note") else "---:"
-                                                            for c in cols) + "|"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if c in LEFT else "---:" for c in cols) + "|"]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
     return "\n".join(lines) + "\n"
+
+
+def _budget(x, unit: str) -> str:
+    return f"{x:.3g}" if unit == "flops" else f"{int(x):,}"
+
+
+def _ci(mean, lo, hi) -> str:
+    if mean is None or math.isnan(mean):
+        return "-"
+    return f"{mean:+.4f}" + ("" if math.isnan(lo) else f" [{lo:+.4f}, {hi:+.4f}]")
+
+
+def budget_tables(points, *, direction: str, bases: list[str] | None = None, unit: str = "tokens") -> dict:
+    """The paired tables of the budget table ``points`` (:func:`ablate.results.load_budgets`), as DataFrames of
+    text for results.md and results.tex: ``gaps`` (every arm against the control at every budget point, with
+    its 95% interval and verdict), ``best`` (the best m per point against the runner-up), ``spearman``
+    (rank correlation between consecutive points) and ``lr`` (the lr chosen per arm and point; empty
+    without an lr grid)."""
+    import pandas as pd
+
+    rank = {b: i for i, b in enumerate(bases or [])}
+
+    def ordered(frame):
+        return frame.assign(_r=frame["base"].map(lambda b: rank.get(b, len(rank)))).sort_values(
+            ["_r", "base", "budget"], kind="stable")
+
+    gaps = stats.paired_gaps(points, "objective", direction)
+    grid = gaps["lr"].notna().any()
+    rows = [{"base": g["base"], "budget": _budget(g["budget"], unit), "arm": g["arm"],
+             **({"lr": f"{g['lr']:g}", "control lr": f"{g['control_lr']:g}"} if grid else {}),
+             "pairs": str(int(g["pairs"])), "arm − control (95% CI)": _ci(g["arm_minus_control"], g["lo"], g["hi"]),
+             "verdict": g["verdict"]} for _, g in ordered(gaps).iterrows()]
+    best = stats.best_m_by_budget(points, "objective", direction)
+    best_rows = [{"base": b["base"], "budget": _budget(b["budget"], unit), "best m": str(int(b["best_m"])),
+                  "mean": _fmt(b["best_mean"]),
+                  "runner-up": "-" if math.isnan(b["runner_up_m"]) else str(int(b["runner_up_m"])),
+                  "best − runner-up (95% CI)": _ci(b["best_minus_runner_up"], b["lo"], b["hi"]),
+                  "verdict": b["verdict"],
+                  "tied m": "-" if math.isnan(b["m_lo"]) else ", ".join(str(m) for m in b["tied"])}
+                 for _, b in ordered(best).iterrows()]
+    rho = stats.rank_correlation(points, "objective")
+    rho_rows = [{"base": r["base"], "budget": _budget(r["budget"], unit),
+                 "next budget": _budget(r["next_budget"], unit), "arms": str(int(r["arms"])),
+                 "Spearman rho": _fmt(r["rho"], 2), "p": _fmt(r["p"], 2)} for _, r in ordered(rho).iterrows()]
+    _, choices = stats.best_lr(points)
+    lr_rows = [{"base": c["base"], "budget": _budget(c["budget"], unit), "arm": c["arm"], "lr": f"{c['lr']:g}",
+                "held-out loss by lr (repeats)": c["tried"]}
+               for _, c in ordered(choices).iterrows()]
+    return {"gaps": pd.DataFrame(rows), "best": pd.DataFrame(best_rows), "spearman": pd.DataFrame(rho_rows),
+            "lr": pd.DataFrame(lr_rows)}
 
 
 TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
 
 
-def _latex(table, caption: str) -> str:
-    align = "".join("l" if c in ("base", "method", "note") else "r" for c in table.columns)
+def _latex(table, caption: str, label: str = "tab:results") -> str:
+    align = "".join("l" if c in LEFT else "r" for c in table.columns)
     caption = "".join(TEX_SPECIAL.get(ch, ch) for ch in caption)  # to_latex escapes cells, not the caption
-    body = table.to_latex(index=False, escape=True, column_format=align, caption=caption, label="tab:results")
-    return "% written by python -m ablate.figures; needs \\usepackage{booktabs}\n" + body
+    return table.to_latex(index=False, escape=True, column_format=align, caption=caption, label=label)
 
 
 def make_figures(study_dir: str | Path, out: str | Path, *, storage: str | None = None, redundancy: bool = True,
@@ -151,6 +235,11 @@ def make_figures(study_dir: str | Path, out: str | Path, *, storage: str | None 
     label, description, direction = objective_label(info)
     loss_label = "held-out loss after CPT (nats/token; lower is better)"
     study = open_study(study_dir, info, storage)
+    points = load_points(study_dir, df, storage=storage)
+    df = stats.trials_at_best_lr(df, points)  # an lr grid: each arm at the lr chosen at the last budget point
+    unit = config.get("train", {}).get("budget_unit", "tokens")
+    budgets = stats.scored(points)["budget"].nunique() if len(points) else 0
+    grid = isinstance(config.get("train", {}).get("lr"), list)
 
     def optuna_figure(title: str, draw):
         if study is None:
@@ -166,12 +255,15 @@ def make_figures(study_dir: str | Path, out: str | Path, *, storage: str | None 
             return plots.message_figure("layer redundancy", f"not available: {exc}")
         return plots.redundancy(distances, plots.best_m(df, direction))
 
+    along = dict(label=label, direction=direction, bases=order, unit=unit)
     figures = {
         "score_vs_m": lambda: plots.score_vs_m(df, label=label, direction=direction, bases=order),
         "val_loss_vs_m": lambda: plots.score_vs_m(df, column="val_loss", label=loss_label, direction="minimize",
                                                   bases=order),
         "score_vs_params": lambda: plots.score_vs_params(df, label=label, direction=direction, bases=order),
-        "loss_curves": lambda: plots.loss_curves(df, read_curves(study_dir, df["trial"]), bases=order),
+        "score_vs_flops": lambda: plots.score_vs_flops(points, label=label, direction=direction, bases=order),
+        "loss_curves": lambda: plots.loss_curves(df, read_curves(study_dir, df["trial"]), bases=order,
+                                                 branches=read_branches(study_dir, df["trial"])),
         "tasks_vs_m": lambda: plots.tasks_vs_m(df, bases=order),
         "study_history": lambda: optuna_figure("optimisation history",
                                                lambda: studyplots.optimization_history(study, label=label)),
@@ -179,6 +271,10 @@ def make_figures(study_dir: str | Path, out: str | Path, *, storage: str | None 
                                                   lambda: studyplots.param_importances(study, label=label)),
         "study_timeline": lambda: optuna_figure("trial timeline", lambda: studyplots.timeline(study)),
     }
+    if budgets > 1:  # the budget axis: one run per arm gave a score at every budget point
+        figures["score_vs_budget"] = lambda: plots.score_vs_budget(points, **along)
+        figures["gap_vs_budget"] = lambda: plots.gap_vs_budget(points, **along)
+        figures["best_m_vs_budget"] = lambda: plots.best_m_vs_budget(points, **along)
     if redundancy:
         figures["redundancy"] = redundancy_figure
     import matplotlib.pyplot as plt
@@ -189,10 +285,64 @@ def make_figures(study_dir: str | Path, out: str | Path, *, storage: str | None 
         written += plots.save(fig, out / fig_name)
         plt.close(fig)  # Optuna's figures live in pyplot's registry; closing ours is harmless
     table = results_table(df, direction=direction, bases=order)
-    caption = f"Study {name}: {description}; mean over seeds with a 95% t-interval, after the same CPT tokens."
-    atomic_write_text(out / "results.md", f"**{caption}**\n\n" + _markdown(table))
-    atomic_write_text(out / "results.tex", _latex(table, caption))
+    at = (" at the last budget point" if budgets > 1 else "") + \
+        (", each arm at the lr chosen on held-out loss" if grid else "")
+    caption = f"Study {name}: {description}; mean over seeds with a 95% t-interval, after the same CPT " \
+              f"{'FLOPs' if unit == 'flops' else 'tokens'}{at}."
+    md = [f"**{caption}**\n\n" + _markdown(table)]
+    tex = ["% written by python -m ablate.figures; needs \\usepackage{booktabs}\n" + _latex(table, caption)]
+    for title, tag, section in _budget_sections(points, direction=direction, bases=order, unit=unit,
+                                                budgets=budgets):
+        if section.empty:
+            md.append(f"**{title}**\n\nNone yet: no arm has a pair with its control.\n")
+            continue
+        md.append(f"**{title}**\n\n" + _markdown(section))
+        tex.append(_latex(section, title, label=tag))
+    atomic_write_text(out / "results.md", "\n".join(md))
+    atomic_write_text(out / "results.tex", "\n".join(tex))
     return written + [out / "results.md", out / "results.tex"]
+
+
+def load_points(study_dir: str | Path, df, *, storage: str | None = None):
+    """The budget table the figures draw from: :func:`ablate.results.load_budgets`' finished rows; for a study
+    whose records predate budget points (or a copy with results.csv only), one point per complete trial of
+    ``df`` (:func:`ablate.results.load`) at the tokens it trained (a pruned trial's last value is not a
+    score at any point)."""
+    import pandas as pd
+
+    try:
+        points = load_budgets(study_dir, storage=storage)
+    except UserError:
+        points = pd.DataFrame(columns=BUDGET_COLUMNS)
+    points = points[points["state"].isin(FINISHED)].reset_index(drop=True)
+    if len(points):
+        return points
+    done = df[df["state"] == "complete"]
+    tokens = done["tokens"].astype(float)
+    return done.assign(budget_tokens=tokens, flops_per_token=done["flops"].astype(float) / tokens.where(tokens > 0))
+
+
+def _budget_sections(points, *, direction: str, bases: list[str], unit: str, budgets: int) -> list[tuple]:
+    """``(caption, LaTeX label, table)`` of each paired table results.md and results.tex carry after the results
+    table: the gaps to the control always, the best m and Spearman with several budget points, the lr
+    choices with an lr grid."""
+    if points.empty:
+        return []
+    tables = budget_tables(points, direction=direction, bases=bases, unit=unit)
+    better = "negative" if direction == "minimize" else "positive"
+    out = [(f"Paired gap to the control (DUS at m = n/2, same CPT) at each budget point: arm − control over repeats "
+            f"paired by data order, each arm at its chosen lr; {better} is better. Better or worse only where the "
+            "95% t interval excludes 0, else cannot be ordered.", "tab:gaps", tables["gaps"])]
+    if budgets > 1:
+        out.append(("The best m at each budget point against the runner-up (paired, 95% t interval); tied m: the m "
+                    "whose paired interval with the best covers 0.", "tab:best-m", tables["best"]))
+        out.append(("Spearman's rank correlation of the arms' mean objectives between consecutive budget points "
+                    "(p exact up to 8 arms): does an early budget predict the later ranking?", "tab:spearman",
+                    tables["spearman"]))
+    if len(tables["lr"]):
+        out.append(("The learning rate of each arm at each budget point, chosen on held-out loss (never on the "
+                    "evaluation items).", "tab:lr", tables["lr"]))
+    return out
 
 
 @cli

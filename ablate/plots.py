@@ -19,8 +19,8 @@ import numpy as np
 from ablate.redundancy import dus_layers
 
 __all__ = ["arm_stats", "best_m", "human_count", "task_metrics", "score_vs_m", "score_vs_params", "loss_curves",
-           "tasks_vs_m", "redundancy", "message_figure",
-           "save", "style"]
+           "tasks_vs_m", "score_vs_budget", "gap_vs_budget", "best_m_vs_budget", "score_vs_flops", "redundancy",
+           "message_figure", "save", "style"]
 # palette, finish and wrap are public too: the figure helpers that ablate.studyplots shares
 
 COLUMN_IN = 3.4  # one column of a two-column paper (ICML, NeurIPS, ACL: 3.25-3.5 in)
@@ -41,6 +41,26 @@ def _arm_style() -> dict:
     p = palette()
     return {"dus": dict(color=p[0], marker="o", ls="-"), "control": dict(color=p[7], marker="s", ls="--"),
             "moe": dict(color=p[1], marker="^", ls=":")}
+
+
+def _m_colours(ms):
+    """Norm and colour map of DUS m (viridis: sequential, colour-blind safe, monotone in greyscale; its pale
+    yellow end cut off, unreadable on white)."""
+    import matplotlib as mpl
+
+    ms = [float(m) for m in ms]
+    norm = mpl.colors.Normalize(vmin=min(ms) if ms else 0, vmax=max(max(ms), min(ms) + 1) if ms else 1)
+    return norm, mpl.colors.ListedColormap(mpl.colormaps["viridis"](np.linspace(0, 0.85, 256)))
+
+
+def _m_colorbar(fig, ax, norm, cmap) -> None:
+    import matplotlib as mpl
+    from matplotlib.ticker import MaxNLocator
+
+    bar = fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, pad=0.02, aspect=25)
+    bar.set_label("m (DUS)")
+    bar.locator = MaxNLocator(integer=True)
+    bar.update_ticks()
 
 
 @contextlib.contextmanager
@@ -256,11 +276,25 @@ def _pareto(points: list[tuple[float, float]], direction: str) -> list[tuple[flo
     return front
 
 
+def _log_x(ax) -> None:
+    """A log x axis labelled 1.2M, 5B, ...: ticks at 1, 2 and 5 per decade, or plain ticks inside one decade
+    (where matplotlib's log ticks crowd)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    ax.set_xscale("log")
+    lo, hi = ax.get_xlim()
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)) if hi > 10 * lo else MaxNLocator(nbins=4))
+    ax.xaxis.set_major_formatter(FuncFormatter(human_count))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def human_count(x: float, _pos=None) -> str:
-    """1234567 -> '1.23M' (3 significant digits; k, M, B); a matplotlib tick formatter too."""
+    """1234567 -> '1.23M' (3 significant digits; k, M, B, T, then 1.23e+15); a matplotlib tick formatter too."""
     if x is None or math.isnan(x):
         return "-"
-    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+    if abs(x) >= 1e15:  # FLOPs: 1.2e+20 reads better than a pile of suffixes
+        return f"{x:.3g}"
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
         if abs(x) >= scale:
             return f"{x / scale:.3g}{suffix}"
     return f"{x:.3g}"
@@ -269,9 +303,8 @@ def human_count(x: float, _pos=None) -> str:
 def score_vs_params(df, *, column: str = "objective", label: str = "objective", direction: str = "minimize",
                     bases: list[str] | None = None):
     """Score against total and against active parameters; control, MoE and Pareto front marked."""
-    from matplotlib.ticker import FuncFormatter, LogLocator
-
     stats = arm_stats(df, column)
+    stats = stats[stats["method"] != "nocpt"]  # the no-CPT reference is not an arm: off the front too
     if stats.empty:
         return message_figure(label, "not enough trials: no complete trial yet")
     bases = _bases(df, bases)
@@ -299,10 +332,7 @@ def score_vs_params(df, *, column: str = "objective", label: str = "objective", 
             xs, ys = zip(*front, strict=True)
             ax.step(xs, ys, where="post", color="black", lw=0.7, zorder=2, label="Pareto front")
             ax.scatter(xs, ys, s=80, facecolors="none", edgecolors="black", lw=0.7, zorder=4)
-            ax.set_xscale("log")
-            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-            ax.xaxis.set_major_formatter(FuncFormatter(human_count))
-            ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, p: ""))
+            _log_x(ax)
             ax.set_xlabel(f"{'total' if size == 'params_total' else 'active'} parameters (log scale)")
             ax.set_ylabel(wrap(label))
         axes[0].set_title("numbers: m of each DUS variant", fontsize=FONT_PT - 1, color="0.3")
@@ -311,14 +341,17 @@ def score_vs_params(df, *, column: str = "objective", label: str = "objective", 
     return fig
 
 
-def loss_curves(df, curves: dict[int, object], *, bases: list[str] | None = None):
+def loss_curves(df, curves: dict[int, object], *, bases: list[str] | None = None,
+                branches: dict[int, object] | None = None):
     """Held-out loss during CPT against tokens: a line per trial coloured by m, control and MoE distinct.
 
     ``curves`` maps trial number -> DataFrame with ``tokens`` and ``val_loss`` (rows of
-    ``metrics.jsonl`` that have a held-out loss). Pruned trials end in an x.
+    ``metrics.jsonl`` of the main run that have a held-out loss). Pruned trials end in an x.
+    ``branches`` (schedule wsd) maps trial number -> DataFrame with ``fork_tokens``, ``tokens`` and
+    ``val_loss``: each cooldown branch, drawn as a dotted offshoot from the main curve at its fork to
+    the held-out loss it reached at its budget point.
     """
-    import matplotlib as mpl
-    from matplotlib.ticker import FuncFormatter, LogFormatter, MaxNLocator
+    from matplotlib.ticker import FuncFormatter, LogFormatter
 
     runs = df[df["state"].isin(["complete", "pruned"]) & df["base"].notna() & df["trial"].isin(list(curves))]
     bases = _bases(runs, bases)
@@ -336,10 +369,7 @@ def loss_curves(df, curves: dict[int, object], *, bases: list[str] | None = None
                 continue
             control = (mine["method"] == "dus") & (mine["m"] == (n / 2 if n else -1))
             ms = mine.loc[(mine["method"] == "dus") & ~control, "m"].astype(float)
-            norm = mpl.colors.Normalize(vmin=ms.min() if len(ms) else 0, vmax=max(ms.max(), ms.min() + 1)
-                                        if len(ms) else 1)
-            cmap = mpl.colors.ListedColormap(mpl.colormaps["viridis"](np.linspace(0, 0.85, 256)))  # sequential,
-            # colour-blind safe, monotone in greyscale; its pale yellow end cut off, unreadable on white
+            norm, cmap = _m_colours(ms)
             for (_, row), is_control in zip(mine.iterrows(), control, strict=True):
                 c = curves[int(row["trial"])]
                 if row["method"] == "moe":
@@ -352,11 +382,15 @@ def loss_curves(df, curves: dict[int, object], *, bases: list[str] | None = None
                 if row["state"] == "pruned":
                     ax.plot(c["tokens"].iloc[-1:], c["val_loss"].iloc[-1:], marker="x", color=kw["color"],
                             ls="none", zorder=4, label="pruned (stopped early)")
+                shoots = (branches or {}).get(int(row["trial"]))
+                for _, b in (shoots.iterrows() if shoots is not None else ()):
+                    start = float(np.interp(b["fork_tokens"], c["tokens"], c["val_loss"]))
+                    ax.plot([b["fork_tokens"], b["tokens"]], [start, b["val_loss"]], color=kw["color"], ls=":",
+                            lw=0.8, zorder=3)
+                    ax.plot([b["tokens"]], [b["val_loss"]], color=kw["color"], marker="o", ms=2.5, ls="none",
+                            zorder=4, label="cooldown branch to a budget point")
             if len(ms):
-                bar = fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, pad=0.02, aspect=25)
-                bar.set_label("m (DUS)")
-                bar.locator = MaxNLocator(integer=True)
-                bar.update_ticks()
+                _m_colorbar(fig, ax, norm, cmap)
             ax.set_title(f"{base} (n = {n})" if n else base)
             ax.set_yscale("log")  # the fresh variant's loss can start far above where it settles
             ax.yaxis.set_major_formatter(LogFormatter())
@@ -414,6 +448,241 @@ def tasks_vs_m(df, *, bases: list[str] | None = None):
             _m_ticks(ax, n, dus["m"].astype(float).tolist())
             all_acc = all(m.split("/", 1)[1] in ("acc", "acc_norm") for m in metrics)
             ax.set_ylabel("accuracy (fraction correct)" if all_acc else "task metric")
+        _legend(fig)
+        finish(fig)
+    return fig
+
+
+def _budget_axis(ax, budgets, unit: str) -> None:
+    """Log x axis with a tick at every budget point."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    ax.set_xscale("log")
+    budgets = sorted(set(float(b) for b in budgets))
+    ax.xaxis.set_major_locator(FixedLocator(budgets))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(human_count))
+    if len(budgets) > 1:
+        pad = (budgets[-1] / budgets[0]) ** 0.08
+        ax.set_xlim(budgets[0] / pad, budgets[-1] * pad)
+    ax.set_xlabel("CPT budget, training FLOPs (log scale)" if unit == "flops" else "CPT budget, tokens (log scale)")
+
+
+def _dodge(i: int, k: int) -> float:
+    """A factor that moves the i-th of k series a little along a log x axis, so their error bars do not overlap."""
+    return 1.03 ** (i - (k - 1) / 2)
+
+
+def _no_cpt(points, column: str) -> dict:
+    """base -> the no-CPT reference's mean ``column`` (its one trial per base)."""
+    ref = points[(points["method"] == "nocpt") & (points["state"] == "complete") & points[column].notna()]
+    return {b: float(g[column].astype(float).mean()) for b, g in ref.groupby("base")}
+
+
+def score_vs_budget(points, *, column: str = "objective", label: str = "objective", direction: str = "minimize",
+                    bases: list[str] | None = None, unit: str = "tokens"):
+    """Score against the CPT budget (log x) per base: every arm's mean and 95% t interval over repeats at each
+    budget point, at its chosen lr; the control highlighted, the no-CPT reference a horizontal line.
+
+    ``points`` is the budget table (:func:`ablate.results.load_budgets`). DUS arms are coloured by m.
+    """
+    from ablate import stats
+
+    means = stats.arm_means(points, column)
+    nocpt = _no_cpt(points, column)
+    bases = _bases(points[points["method"].isin(stats.ARMS)], bases)
+    if means.empty or not bases:
+        return message_figure(label, "not enough trials: no budget point of any arm has a score yet")
+    arms = _arm_style()
+    with style():
+        fig, axes = _figure(len(bases))
+        for ax, base in zip(axes, bases, strict=True):
+            n = _depth(points, base)
+            ax.set_title(f"{base} (n = {n})" if n else base)
+            mine = means[means["base"] == base]
+            if mine.empty:
+                _message(ax, "not enough trials: no budget point of this base has a score yet")
+                continue
+            is_control = (mine["method"] == "dus") & (mine["m"] == (n / 2 if n else -1))
+            dus = mine[(mine["method"] == "dus") & ~is_control]
+            norm, cmap = _m_colours(dus["m"].unique())
+            series = [(f"DUS m={int(m)}", g, dict(color=cmap(norm(m)), marker="o", ls="-", lw=0.9, ms=3))
+                      for m, g in dus.groupby("m")]
+            series.append(("unchanged base (m = n/2), same CPT", mine[is_control],
+                           dict(color=arms["control"]["color"], marker="s", ls="--", lw=1.6, ms=4, zorder=5)))
+            series.append(("MoE upcycle, same CPT", mine[mine["method"] == "moe"],
+                           dict(color=arms["moe"]["color"], marker="^", ls=":", lw=1.2, ms=4)))
+            series = [s for s in series if len(s[1])]
+            for i, (name, g, kw) in enumerate(series):
+                g = g.sort_values("budget")
+                ax.errorbar(g["budget"] * _dodge(i, len(series)), g["mean"], yerr=g["half"].fillna(0), capsize=1.5,
+                            label=None if name.startswith("DUS m=") else name, **{"zorder": 3, **kw})
+            if base in nocpt:
+                ax.axhline(nocpt[base], color="black", ls=":", lw=0.8, zorder=1, label="no CPT (the base as it is)")
+            if len(dus):
+                _m_colorbar(fig, ax, norm, cmap)
+            _budget_axis(ax, mine["budget"], unit)
+            ax.set_ylabel(wrap(label))
+        _legend(fig)
+        finish(fig)
+    return fig
+
+
+def gap_vs_budget(points, *, column: str = "objective", label: str = "objective", direction: str = "minimize",
+                  bases: list[str] | None = None, unit: str = "tokens"):
+    """The paired gap to the control (arm - control, same repeat) against the budget per base: a line per DUS m
+    and the MoE upcycle, with its 95% t interval as a band, the control at zero. Filled markers: the
+    interval excludes zero (the arm is ordered against the control); hollow: it cannot be ordered."""
+    from ablate import stats
+
+    gaps = stats.paired_gaps(points, column, direction)
+    bases = _bases(points[points["method"].isin(stats.ARMS)], bases)
+    if gaps.empty or not bases:
+        return message_figure("gap to the control", "not enough trials: no arm has a pair with its control "
+                              "(m = n/2, same repeat) at any budget point yet")
+    arms = _arm_style()
+    better = "negative" if direction == "minimize" else "positive"
+    with style():
+        fig, axes = _figure(len(bases))
+        for ax, base in zip(axes, bases, strict=True):
+            n = _depth(points, base)
+            ax.set_title(f"{base} (n = {n}): {better} is better than the control" if n else base)
+            mine = gaps[(gaps["base"] == base) & (gaps["pairs"] > 0)]
+            if mine.empty:
+                _message(ax, "not enough trials: no arm of this base has a pair with its control yet")
+                continue
+            dus = mine[mine["method"] == "dus"]
+            norm, cmap = _m_colours(dus["m"].unique())
+            series = [(g, dict(color=cmap(norm(m)), marker="o", ls="-", lw=0.9)) for m, g in dus.groupby("m")]
+            moe = mine[mine["method"] == "moe"]
+            if len(moe):
+                series.append((moe, dict(color=arms["moe"]["color"], marker="^", ls=":", lw=1.2,
+                                         label="MoE upcycle − control")))
+            for i, (g, kw) in enumerate(series):
+                g = g.sort_values("budget")
+                x = g["budget"] * _dodge(i, len(series))
+                ax.plot(x, g["arm_minus_control"], ms=0, zorder=3, **kw)
+                ax.fill_between(x, g["lo"], g["hi"], color=kw["color"], alpha=0.15, lw=0, zorder=1)
+                ordered = ~g["verdict"].isin(["cannot be ordered", "one pair: no interval", "no pairs"])
+                ax.plot(x[ordered], g.loc[ordered, "arm_minus_control"], marker=kw["marker"], ms=3.5, ls="none",
+                        color=kw["color"], zorder=4)
+                ax.plot(x[~ordered], g.loc[~ordered, "arm_minus_control"], marker=kw["marker"], ms=3.5, ls="none",
+                        mfc="white", color=kw["color"], zorder=4)
+            ax.axhline(0, color=arms["control"]["color"], ls="--", lw=1, zorder=2,
+                       label="control (m = n/2, same CPT and repeat)")
+            if len(dus):
+                _m_colorbar(fig, ax, norm, cmap)
+            _budget_axis(ax, mine["budget"], unit)
+            ax.set_ylabel(wrap(f"arm − control, paired: {label}", 34))
+        axes[-1].plot([], [], marker="o", ms=3.5, ls="none", color="0.4", label=f"{CONFIDENCE:.0%} interval excludes 0")
+        axes[-1].plot([], [], marker="o", ms=3.5, ls="none", color="0.4", mfc="white",
+                      label="cannot be ordered (or one pair)")
+        _legend(fig)
+        finish(fig)
+    return fig
+
+
+def best_m_vs_budget(points, *, column: str = "objective", label: str = "objective", direction: str = "minimize",
+                     bases: list[str] | None = None, unit: str = "tokens"):
+    """The best m against the budget per base (its mean ``column`` at its chosen lr), with a bar over the m
+    that cannot be ordered from it (paired 95% interval covering zero; no bar with one repeat)."""
+    from matplotlib.ticker import MaxNLocator
+
+    from ablate import stats
+
+    best = stats.best_m_by_budget(points, column, direction)
+    bases = _bases(points[points["method"] == "dus"], bases)
+    if best.empty or not bases:
+        return message_figure("best m by budget", "not enough trials: no DUS arm has a score at any budget point yet")
+    arms = _arm_style()
+    with style():
+        fig, axes = _figure(len(bases))
+        for ax, base in zip(axes, bases, strict=True):
+            n = _depth(points, base)
+            ax.set_title(f"{base} (n = {n})" if n else base)
+            mine = best[best["base"] == base].sort_values("budget")
+            if mine.empty:
+                _message(ax, "not enough trials: no DUS arm of this base has a score yet")
+                continue
+            known = mine["m_lo"].notna()
+            ax.errorbar(mine.loc[known, "budget"], mine.loc[known, "best_m"],
+                        yerr=[mine.loc[known, "best_m"] - mine.loc[known, "m_lo"],
+                              mine.loc[known, "m_hi"] - mine.loc[known, "best_m"]],
+                        color=arms["dus"]["color"], ls="none", capsize=2, lw=1, zorder=3,
+                        label="m that cannot be ordered from the best")
+            for _, r in mine[known].iterrows():
+                ax.plot([r["budget"]] * len(r["tied"]), r["tied"], marker="_", ms=6, color=arms["dus"]["color"],
+                        ls="none", zorder=3)
+            ax.plot(mine["budget"], mine["best_m"], color=arms["dus"]["color"], marker="*", ms=8, mec="black",
+                    mew=0.5, lw=1, zorder=4, label=f"best m (mean over repeats, {CONFIDENCE:.0%} paired intervals)")
+            tried = points.loc[(points["base"] == base) & (points["method"] == "dus"), "m"].dropna().astype(float)
+            if n is not None:
+                ax.axhline(n / 2, color=arms["control"]["color"], ls="--", lw=1, zorder=1,
+                           label="m = n/2: the unchanged base")
+                if n % 4 == 0:
+                    ax.axhline(n / 4, color="0.6", ls=":", lw=0.8, zorder=0, label="SOLAR's choice, m = n/4")
+            lo, hi = (tried.min(), tried.max()) if len(tried) else (mine["best_m"].min(), mine["best_m"].max())
+            ax.set_ylim(lo - 0.5, hi + 0.5)
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            _budget_axis(ax, mine["budget"], unit)
+            ax.set_ylabel(wrap(f"best m by {label}", 34))
+        _legend(fig)
+        finish(fig)
+    return fig
+
+
+def score_vs_flops(points, *, column: str = "objective", label: str = "objective", direction: str = "minimize",
+                   bases: list[str] | None = None):
+    """Score against compute, with the Pareto front on each panel: against the CPT training FLOPs of every arm
+    at every budget point (lines join an arm's points), and against the inference FLOPs per token
+    (training FLOPs per token / 3) at each base's last budget point. The no-CPT reference is a line."""
+    from ablate import stats
+
+    means = stats.arm_means(points, column)
+    means = means[means["flops"].notna() & (means["flops"] > 0)]
+    if means.empty:
+        return message_figure(label, "not enough trials: no budget point with a score and its FLOPs yet")
+    means = means.assign(inference=means["flops_per_token"] / 3)
+    bases = _bases(means, bases)
+    nocpt = _no_cpt(points, column)
+    colours = {b: palette()[i % 10] for i, b in enumerate(bases)}
+    last = means[means["budget"] == means.groupby("base")["budget"].transform("max")]
+    with style():
+        fig, axes = _figure(2)
+        for ax, size, table in ((axes[0], "flops", means), (axes[1], "inference", last)):
+            for base in bases:
+                mine = table[table["base"] == base]
+                n = _depth(points, base)
+                control = (mine["method"] == "dus") & (mine["m"] == (n / 2 if n else -1))
+                if size == "flops":
+                    for _, g in mine.groupby(["method", mine["m"].fillna(-1)]):
+                        g = g.sort_values("flops")
+                        ax.plot(g["flops"], g["mean"], color=colours[base], lw=0.5, alpha=0.5, zorder=2)
+                kinds = (("DUS", (mine["method"] == "dus") & ~control, "o", 3),
+                         ("unchanged base", control, "s", 4), ("MoE upcycle", mine["method"] == "moe", "^", 5))
+                for kind, mask, marker, ms in kinds:
+                    sel = mine[mask]
+                    if len(sel):
+                        ax.errorbar(sel[size], sel["mean"], yerr=sel["half"].fillna(0), color=colours[base],
+                                    marker=marker, ms=ms, ls="none", capsize=1.5, lw=0.8, zorder=3,
+                                    label=f"{base}: {kind}")
+                if size == "inference":
+                    for _, row in mine[(mine["method"] == "dus") & ~control].iterrows():
+                        ax.annotate(f"{int(row['m'])}", (row[size], row["mean"]), xytext=(2, 2),
+                                    textcoords="offset points", fontsize=FONT_PT - 3, color="0.3")
+                if base in nocpt:
+                    ax.axhline(nocpt[base], color=colours[base], ls=":", lw=0.8, zorder=1, label=f"{base}: no CPT")
+            front = _pareto(list(zip(table[size], table["mean"], strict=True)), direction)
+            xs, ys = zip(*front, strict=True)
+            ax.step(xs, ys, where="post", color="black", lw=0.7, zorder=2, label="Pareto front")
+            ax.scatter(xs, ys, s=80, facecolors="none", edgecolors="black", lw=0.7, zorder=4)
+            _log_x(ax)
+            ax.set_xlabel("CPT training FLOPs (log scale)" if size == "flops" else
+                          "inference FLOPs per token (log scale)")
+            ax.set_ylabel(wrap(label))
+        axes[0].set_title("lines join an arm's budget points", fontsize=FONT_PT - 1, color="0.3")
+        axes[1].set_title("at the last budget point; numbers: m (DUS)", fontsize=FONT_PT - 1,
+                          color="0.3")
         _legend(fig)
         finish(fig)
     return fig

@@ -29,8 +29,9 @@ from ablate.figures import main, make_figures, results_table
 from ablate.results import write_csv
 
 BASES = {"tiny-a": 4, "tiny-b": 6}  # label -> n
-FIGURES = ["score_vs_m", "val_loss_vs_m", "score_vs_params", "loss_curves", "tasks_vs_m", "study_history",
-           "study_importance", "study_timeline"]
+FIGURES = ["score_vs_m", "val_loss_vs_m", "score_vs_params", "score_vs_flops", "loss_curves", "tasks_vs_m",
+           "study_history", "study_importance", "study_timeline"]
+BUDGET_FIGURES = ["score_vs_budget", "gap_vs_budget", "best_m_vs_budget"]  # with more than one budget point
 KEYS = ["synth_k1/acc", "synth_k2/acc_norm", "synth/acc"]
 START = datetime.datetime(2025, 1, 1, 9, 0, 0)
 
@@ -54,22 +55,24 @@ def _tree(name: str) -> dict:
 def _trial(study, number: int, base: str, method: str, m, repeat: int, state: TrialState, rng) -> dict:
     n = BASES[base]
     quality = -abs((m if m is not None else n / 2) - n / 4) / n + 0.02 * rng.standard_normal()
+    quality -= 0.1 * (method == "nocpt")
     metrics = {"val_loss": 2.0 - quality, "val_ppl": math.exp(2.0 - quality),
                "synth_k1/acc": 0.9 + quality / 4, "synth_k1/acc_stderr": 0.03,
                "synth_k2/acc": 0.6 + quality / 2, "synth_k2/acc_norm": 0.62 + quality / 2,
                "synth_k2/acc_stderr": 0.05, "synth/acc": 0.75 + quality / 3}
     s = 2 * (n - m) if m is not None else n
     size = 1000 * s + 500
+    tokens = 0 if method == "nocpt" else 4096
+    active = size * (2 if method == "moe" else 1)
     attrs = {"base": base, "method": method, "m": m, "repeat": repeat, "n": n, "s": s, "seed": repeat,
-             "params_total": size * (3 if method == "moe" else 1),
-             "params_active": size * (2 if method == "moe" else 1),
-             "tokens": 4096, "flops": 6 * size * 4096, "device": "cpu", "metrics": metrics,
-             "train_s": 1.0, "eval_s": 0.5, "wall_s": 2.0}
+             "params_total": size * (3 if method == "moe" else 1), "params_active": active,
+             "tokens": tokens, "flops": 6 * active * tokens, "flops_per_token": 6 * active, "device": "cpu",
+             "metrics": metrics, "train_s": 1.0, "eval_s": 0.5, "wall_s": 2.0}
     params = {"base": base}
     dists = {"base": CategoricalDistribution(list(BASES))}
     if base == "tiny-a":
         params[f"method_{base}"] = method
-        dists[f"method_{base}"] = CategoricalDistribution(["dus", "moe"])
+        dists[f"method_{base}"] = CategoricalDistribution(["dus", "moe", "nocpt"])
     if method == "dus":
         params[f"m_{base}"] = m
         dists[f"m_{base}"] = IntDistribution(0, n // 2)
@@ -81,6 +84,10 @@ def _trial(study, number: int, base: str, method: str, m, repeat: int, state: Tr
     steps = 5 if state == TrialState.PRUNED else 10
     status = {TrialState.COMPLETE: "completed", TrialState.PRUNED: "stopped", TrialState.FAIL: "failed"}.get(state)
     record = {**attrs, "trial": number, "status": status, "objective": value}
+    if state == TrialState.COMPLETE:  # one budget point: a cosine study's record
+        record["budgets"] = [{"budget": tokens, "budget_tokens": tokens, "tokens": tokens, "flops": attrs["flops"],
+                              "branch": False, "cpt_val_loss": metrics["val_loss"], "metrics": metrics,
+                              "objective": value}]
     arm_attrs = {k: attrs[k] for k in ("base", "method", "m", "repeat", "fail_reason") if k in attrs}
     trial = create_trial(state=state, value=value, params=params, distributions=dists, user_attrs=arm_attrs,
                          intermediate_values={s: -metrics["val_loss"] for s in (5, 10) if s <= steps})
@@ -89,6 +96,8 @@ def _trial(study, number: int, base: str, method: str, m, repeat: int, state: Tr
         trial.datetime_complete = trial.datetime_start + datetime.timedelta(seconds=45 * steps / 5)
     study.add_trial(trial)
     start = 2.0 + (0 if m == n / 2 else 3.0 + (m or 0))  # a fresh variant first loses, then recovers
+    if method == "nocpt":  # no CPT: no curve
+        return {"curve": [], "number": number, "record": record}
     return {"curve": [{"step": k, "tokens": 410 * k, "train_loss": 3.0, "lr": 1e-3,
                        **({"val_loss": metrics["val_loss"] + (start - 2.0) * math.exp(-k / 2)} if k % 5 == 0
                           else {})} for k in range(steps + 1)], "number": number, "record": record}
@@ -105,7 +114,7 @@ def make_study(root, *, partial: bool = False, empty: bool = False, name: str = 
                                                       "config": _config(name), "created": "2025-01-01T00:00:00"}))
     rng = np.random.default_rng(0)
     arms = [(b, "dus", m, r) for b, n in BASES.items() for m in range(n // 2 + 1) for r in (0, 1)]
-    arms += [("tiny-a", "moe", None, r) for r in (0, 1)]
+    arms += [("tiny-a", "moe", None, r) for r in (0, 1)] + [("tiny-a", "nocpt", None, 0)]
     if partial:
         arms = arms[:1]
     if empty:
@@ -155,7 +164,10 @@ def test_cli_writes_every_figure_and_table_identically_twice(full_study, tmp_pat
         assert path.stat().st_size > 500, path.name
         assert path.read_bytes() == (outs[1] / path.name).read_bytes(), f"{path.name} differs between runs"
     md = (outs[0] / "results.md").read_text()
-    assert "unchanged base" in md and "best m" in md and "MoE" in md
+    assert "unchanged base" in md and "best m" in md and "MoE" in md and "no CPT" in md
+    # one budget point: the paired gaps, no best m per point, no rank correlation between points
+    assert "**Paired gap to the control" in md and "| tiny-b | 4,096 | DUS m=0 | 2 |" in md
+    assert "Spearman" not in md and "The best m at each budget point" not in md
     tex = (outs[0] / "results.tex").read_text()
     assert "\\begin{tabular}" in tex and "synth\\_k1/acc" in tex and "95\\%" in tex  # the caption escaped too
 
@@ -169,8 +181,9 @@ def test_partial_study_from_results_csv_still_writes_every_file(tmp_path):
     paths = make_figures(study_dir, tmp_path / "out", redundancy=False)
     assert sorted(p.name for p in paths) == _expected(redundancy=False)
     assert all(p.is_file() for p in paths)
-    table = (tmp_path / "out" / "results.md").read_text()
-    assert "(n=1)" in table and table.count("\n") == 5  # caption, blank, header, rule, one arm
+    table, gaps = (tmp_path / "out" / "results.md").read_text().split("\n\n**", 1)
+    assert "(n=1)" in table and table.count("\n") == 4  # caption, blank, header, rule, one arm
+    assert gaps.startswith("Paired gap to the control") and "| tiny-a | 4,096 | DUS m=0 | 0 | - | no pairs |" in gaps
 
 
 def _texts(fig) -> str:
@@ -234,6 +247,62 @@ def test_results_table_best_and_control(full_study):
     df = load(full_study)
     table = results_table(df[df["state"] != "running"], direction="maximize")
     a = table[table["base"] == "tiny-a"]
-    assert list(a["m"]) == ["0", "1", "2", "-"] and list(a["method"]) == ["DUS"] * 3 + ["MoE"]
+    assert list(a["m"]) == ["0", "1", "2", "-", "-"] and list(a["method"]) == ["DUS"] * 3 + ["MoE", "no CPT"]
+    assert a.iloc[4]["note"] == "reference: the base with no CPT" and a.iloc[4]["tokens"] == "0"
     assert a.iloc[2]["note"].startswith("unchanged base") and "best m" in a.iloc[1]["note"]  # best at n/4
-    assert all("[" in v for v in table["score (95% CI)"])
+    assert all("[" in v for v, method in zip(table["score (95% CI)"], table["method"], strict=True)
+               if method != "no CPT")  # one no-CPT trial per base: no interval
+
+
+def test_multi_budget_study_figures_and_tables(home, tmp_path):
+    """A real study of the tiny kit with two budget points, an lr grid and two repeats: the budget figures, the
+    paired tables in results.md and results.tex, and loss curves without the cooldown branches' rows."""
+    from ablate.config import parse_config
+    from ablate.figures import budget_tables, read_branches, read_curves
+    from ablate.results import load_budgets
+    from ablate.study import run_study
+
+    train = {"schedule": "wsd", "warmup_tokens": 128, "cooldown": 0.25, "tokens_per_step": 128, "budgets": [256, 512],
+             "micro_batch_size": 4, "lr": [1e-3, 3e-3], "eval_every": 2, "eval_rows": 8, "precision": "fp32"}
+    config = parse_config(home.tree("multi", train=train, repeats=2,
+                                    bases=[{"model": str(home.base), "label": "tiny", "m": [1, 2]}]))
+    run_study(config, trials=20, out=tmp_path, progress=False)  # 13 configurations: no-CPT, then 3 arms x 2 lr x 2
+    study_dir = tmp_path / "multi"
+    paths = make_figures(study_dir, tmp_path / "out", redundancy=False)
+    names = FIGURES + BUDGET_FIGURES
+    assert sorted(p.name for p in paths) == sorted([f"{f}.{e}" for f in names for e in ("pdf", "png")] +
+                                                   ["results.md", "results.tex"])
+    assert all(p.stat().st_size > 500 for p in paths)
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "at the last budget point, each arm at the lr chosen on held-out loss" in md
+    assert md.count("| tiny | 256 |") == 2 + 3 + 1 + 1  # gaps (m = 1, MoE), lr (3 arms), best m, Spearman
+    assert "| tiny | 512 | MoE |" in md and "| control lr |" in md and "The learning rate of each arm" in md
+    tex = (tmp_path / "out" / "results.tex").read_text()
+    assert all(f"\\label{{tab:{t}}}" in tex for t in ("results", "gaps", "best-m", "spearman", "lr"))
+
+    points = load_budgets(study_dir)
+    tables = budget_tables(points, direction="minimize")
+    assert list(tables["gaps"]["pairs"]) == ["2"] * 4 and len(tables["lr"]) == 6
+    assert set(tables["gaps"]["verdict"]) <= {"better", "worse", "cannot be ordered"}
+    dus = int(points.loc[(points["method"] == "dus") & (points["m"] == 1), "trial"].iloc[0])
+    curve = read_curves(study_dir, [dus])[dus]
+    assert list(curve["tokens"]) == [0, 256, 512]  # the main run only: the branch's eval at 256 is not in it
+    branch = read_branches(study_dir, [dus])[dus]
+    assert list(branch["branch"]) == [256] and list(branch["fork_tokens"]) == [128] and list(branch["tokens"]) == [256]
+    lines = (study_dir / "trials" / str(dus) / "metrics.jsonl").read_text().splitlines()
+    end = next(r for r in map(json.loads, lines) if r.get("branch") == 256 and "val_loss" in r)
+    assert branch["val_loss"].iloc[0] == end["val_loss"]
+
+
+def test_budget_figures_say_why_when_there_is_nothing_to_draw():
+    columns = ["state", "base", "method", "n", "m", "repeat", "lr", "budget_tokens", "tokens", "flops",
+               "flops_per_token", "val_loss", "objective"]
+    empty = pd.DataFrame(columns=columns)
+    for draw in (plots.score_vs_budget, plots.gap_vs_budget, plots.best_m_vs_budget, plots.score_vs_flops):
+        assert "not enough trials" in _texts(draw(empty))
+    # an arm without its control: scores, but no pair
+    alone = pd.DataFrame([["complete", "b", "dus", 4, 0, r, None, b, b, 6 * b, 6, 2.0, 2.0 - b / 1e4]
+                          for r in (0, 1) for b in (100, 400)], columns=columns)
+    assert "not enough trials" in _texts(plots.gap_vs_budget(alone))
+    assert "not enough trials" not in _texts(plots.score_vs_budget(alone))
+    assert "not enough trials" not in _texts(plots.best_m_vs_budget(alone))
