@@ -157,6 +157,7 @@ def test_analysis_runs_on_a_finished_study(study_dir, home, tmp_path):
     text = output_texts(nb)
     assert f"Study `{STUDY}`" in text and "'complete': 3" in text
     assert "unchanged base" in text and "best m" in text  # the results table's notes
-    # score vs m, loss vs m, vs parameters, loss curves, tasks, history, importances, timeline, redundancy
-    assert image_count(nb) == 9
+    # score vs m, loss vs m, vs parameters, vs FLOPs, loss curves, tasks, history, importances, timeline,
+    # redundancy (one budget point: no budget figures)
+    assert image_count(nb) == 10
     assert (study_dir / "redundancy.json").is_file()  # the redundancy pass ran and cached its numbers
