@@ -215,7 +215,8 @@ TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#
 
 def _latex(table, caption: str, label: str = "tab:results") -> str:
     align = "".join("l" if c in LEFT else "r" for c in table.columns)
-    caption = "".join(TEX_SPECIAL.get(ch, ch) for ch in caption)  # to_latex escapes cells, not the caption
+    table = table.rename(columns=lambda c: c.replace("−", "-"))  # pdfLaTeX has no U+2212 without extra packages
+    caption = "".join(TEX_SPECIAL.get(ch, ch) for ch in caption.replace("−", "-"))  # to_latex escapes cells only
     return table.to_latex(index=False, escape=True, column_format=align, caption=caption, label=label)
 
 

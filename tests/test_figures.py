@@ -279,6 +279,7 @@ def test_multi_budget_study_figures_and_tables(home, tmp_path):
     assert "| tiny | 512 | MoE |" in md and "| control lr |" in md and "The learning rate of each arm" in md
     tex = (tmp_path / "out" / "results.tex").read_text()
     assert all(f"\\label{{tab:{t}}}" in tex for t in ("results", "gaps", "best-m", "spearman", "lr"))
+    assert tex.isascii()  # pdfLaTeX without extra packages: no U+2212 minus
 
     points = load_budgets(study_dir)
     tables = budget_tables(points, direction="minimize")
