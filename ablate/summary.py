@@ -172,8 +172,10 @@ def _unit(unit: str) -> str:
 
 
 def _arm_table(s: dict, unit: str) -> Table:
-    where = f"at the last budget point, {_budget(s['budget'], unit)} {_unit(unit)}" if s.get("budget") is not None \
-        else "after the same CPT"
+    where = "after the same CPT"
+    if s.get("budget") is not None:
+        where = f"{'at the last budget point, ' if len(s['budgets']) > 1 else 'after '}" \
+                f"{_budget(s['budget'], unit)} {_unit(unit)}"
     table = Table(title=f"{s['base']} (n={s['n']}): objective by m {where}")
     lrs = s.get("lr_by_m") or {}
     grid = any(v is not None for v in lrs.values())
@@ -199,8 +201,9 @@ def _gap_table(s: dict, direction: str, unit: str) -> Table:
                   title_justify="left", caption=f"budget in {_unit(unit)}; verdicts only where the 95% t interval "
                   "over pairs excludes zero", caption_justify="left")
     grid = any(g["lr"] is not None for g in s["gaps"])
+    intervals = any(g["lo"] is not None for g in s["gaps"])  # one repeat: no column of dashes
     columns = ["budget", "arm"] + (["lr", "control lr"] if grid else []) + \
-        ["pairs", "arm - control", "95% interval", "verdict"]
+        ["pairs", "arm - control"] + (["95% interval"] if intervals else []) + ["verdict"]
     for col in columns:
         table.add_column(col, justify="left" if col in ("arm", "verdict") else "right")
     last = None
@@ -211,15 +214,19 @@ def _gap_table(s: dict, direction: str, unit: str) -> Table:
         last = g["budget"]
         table.add_row(_budget(g["budget"], unit) if first else "", g["arm"],
                       *([_lr(g["lr"]), _lr(g["control_lr"])] if grid else []), str(g["pairs"]),
-                      _signed(g["arm_minus_control"]), _interval(g["lo"], g["hi"]), g["verdict"])
+                      _signed(g["arm_minus_control"]), *([_interval(g["lo"], g["hi"])] if intervals else []),
+                      g["verdict"])
     return table
 
 
 def _best_table(s: dict, direction: str, unit: str) -> Table:
+    intervals = any(b["lo"] is not None for b in s["best_by_budget"])  # one repeat: no intervals, no tied set
     table = Table(title=f"{s['base']}: the best m at each budget point, paired against the runner-up (2nd)",
-                  title_justify="left", caption="tied: the m whose paired 95% interval with the best covers zero",
-                  caption_justify="left")
-    for col in ("budget", "best m", "mean", "2nd m", "best - 2nd [95% interval]", "verdict", "tied"):
+                  title_justify="left", caption="tied: the m whose paired 95% interval with the best covers zero"
+                  if intervals else None, caption_justify="left")
+    columns = ["budget", "best m", "mean", "2nd m", "best - 2nd [95% interval]" if intervals else "best - 2nd",
+               "verdict"] + (["tied"] if intervals else [])
+    for col in columns:
         table.add_column(col, justify="left" if col in ("verdict", "tied") else "right")
     for b in s["best_by_budget"]:
         tied = ", ".join(str(m) for m in b["tied"]) if b["m_lo"] is not None else "-"
@@ -227,7 +234,8 @@ def _best_table(s: dict, direction: str, unit: str) -> Table:
         if b["lo"] is not None:
             gap += f" {_interval(b['lo'], b['hi'])}"
         table.add_row(_budget(b["budget"], unit), str(b["best_m"]), _fmt(b["best_mean"]),
-                      "-" if b["runner_up_m"] is None else str(b["runner_up_m"]), gap, b["verdict"], tied)
+                      "-" if b["runner_up_m"] is None else str(b["runner_up_m"]), gap, b["verdict"],
+                      *([tied] if intervals else []))
     return table
 
 

@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 
 from ablate.search import Arm
-from ablate.summary import _budget_lines, describe_arm, summarize
+from ablate.summary import _arm_table, _budget_lines, describe_arm, summarize
 
 CONTROL = [2.00, 2.10, 2.05]
 DEEPER = [1.97, 2.06, 2.03]  # below the control in every repeat: -0.03, -0.04, -0.02
@@ -73,6 +73,10 @@ def test_single_budget_and_one_repeat_say_there_are_no_intervals():
     notes = _budget_lines(console, {**s, "base": "b"}, "minimize", "tokens")
     text = console.export_text()
     assert "one pair: no interval" in text and "the best m at each budget point" not in text  # one point only
+    assert "95% interval" not in text.split("\n", 2)[1]  # no column of dashes
+    console = Console(record=True, width=100)
+    console.print(_arm_table({**s, "base": "b"}, "tokens"))
+    assert "objective by m after 1,000 CPT tokens" in console.export_text()
     assert any("no intervals" in line for line in notes) and not any("Spearman" in line for line in notes)
 
 
@@ -100,7 +104,8 @@ def test_lr_grid_every_arm_at_its_best_lr():
     console = Console(record=True, width=120)
     _budget_lines(console, {**s, "base": "b"}, "minimize", "tokens")
     text = console.export_text()
-    assert "control lr" in text and "the lr of each arm, chosen on held-out loss" in text and "0.001: 3.0000 (2), 0.003: 3.1000 (2)" in text
+    assert "control lr" in text and "the lr of each arm, chosen on held-out loss" in text
+    assert "0.001: 3.0000 (2), 0.003: 3.1000 (2)" in text
 
 
 def test_printed_tables_fit_a_100_column_terminal():
@@ -113,6 +118,9 @@ def test_printed_tables_fit_a_100_column_terminal():
     assert "arm - control (DUS m=2, same CPT), paired by repeat; negative is better" in text
     assert "[-0.0548, -0.0052]" in text and "better" in text and "worse" in text and "1,000" in text
     assert any(line.startswith("Spearman's rho") and "-0.50 (3 arms" in line for line in notes)
+    console = Console(record=True, width=100)
+    console.print(_arm_table({**s, "base": "b"}, "tokens"))
+    assert "objective by m at the last budget point, 4,000 CPT tokens" in console.export_text()
 
 
 def test_describe_arm_shows_the_lr_only_when_set():
