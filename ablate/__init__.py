@@ -19,6 +19,7 @@ Modules, each with one job (``tests/test_architecture.py`` keeps their imports f
 - ``preflight``  everything that can reject a study, before anything is written
 - ``study``      the study loop; ``summary`` its end-of-run table
 - ``results``, ``check``  the study table read from the trial records; the audit of the records
+- ``stats``      paired statistics over repeats and budget points: lr choice, gaps to the control, best m
 - ``redundancy``, ``plots``, ``studyplots``, ``figures``  analysis and the figures command
 - ``cli``        the ``ablate`` command: one dispatch table of the subcommands
 
