@@ -26,7 +26,7 @@ from ablate.objective import ObjectiveConfig
 from ablate.plots import arm_stats, best_m, human_count
 from ablate.preflight import resolve_device
 from ablate.redundancy import study_redundancy
-from ablate.results import BUDGET_COLUMNS, load, load_budgets, open_study, study_dir_info
+from ablate.results import BUDGET_COLUMNS, load, load_budgets, open_study, read_items, study_dir_info
 
 __all__ = ["make_figures", "resolve_study_dir", "objective_label", "read_curves", "read_branches", "load_points",
            "results_table", "budget_tables", "main"]
@@ -169,7 +169,8 @@ def _ci(mean, lo, hi) -> str:
     return f"{mean:+.4f}" + ("" if math.isnan(lo) else f" [{lo:+.4f}, {hi:+.4f}]")
 
 
-def budget_tables(points, *, direction: str, bases: list[str] | None = None, unit: str = "tokens") -> dict:
+def budget_tables(points, *, direction: str, bases: list[str] | None = None, unit: str = "tokens",
+                  items: dict | None = None) -> dict:
     """The paired tables of the budget table ``points`` (:func:`ablate.results.load_budgets`), as DataFrames of
     text for results.md and results.tex: ``gaps`` (every arm against the control at every budget point, with
     its 95% interval and verdict), ``best`` (the best m per point against the runner-up), ``spearman``
@@ -205,8 +206,16 @@ def budget_tables(points, *, direction: str, bases: list[str] | None = None, uni
     lr_rows = [{"base": c["base"], "budget": _budget(c["budget"], unit), "arm": c["arm"], "lr": f"{c['lr']:g}",
                 "held-out loss by lr (repeats)": c["tried"]}
                for _, c in ordered(choices).iterrows()]
+    item_rows = []
+    if items:  # the answer accuracies at the last budget point, with a bootstrap over items
+        boot = stats.item_gaps(points, items)
+        boot = boot[boot["budget"] == boot["budget"].max()] if len(boot) else boot
+        item_rows = [{"base": g["base"], "budget": _budget(g["budget"], unit), "task": g["task"], "arm": g["arm"],
+                      "pairs": str(int(g["pairs"])), "items": str(int(g["items"])),
+                      "arm − control (95% CI)": _ci(g["arm_minus_control"], g["lo"], g["hi"]),
+                      "verdict": g["verdict"]} for _, g in ordered(boot).iterrows()]
     return {"gaps": pd.DataFrame(rows), "best": pd.DataFrame(best_rows), "spearman": pd.DataFrame(rho_rows),
-            "lr": pd.DataFrame(lr_rows)}
+            "lr": pd.DataFrame(lr_rows), "items": pd.DataFrame(item_rows)}
 
 
 TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -293,7 +302,7 @@ def make_figures(study_dir: str | Path, out: str | Path, *, storage: str | None 
     md = [f"**{caption}**\n\n" + _markdown(table)]
     tex = ["% written by python -m ablate.figures; needs \\usepackage{booktabs}\n" + _latex(table, caption)]
     for title, tag, section in _budget_sections(points, direction=direction, bases=order, unit=unit,
-                                                budgets=budgets):
+                                                budgets=budgets, items=read_items(study_dir)):
         if section.empty:
             md.append(f"**{title}**\n\nNone yet: no arm has a pair with its control.\n")
             continue
@@ -323,13 +332,14 @@ def load_points(study_dir: str | Path, df, *, storage: str | None = None):
     return done.assign(budget_tokens=tokens, flops_per_token=done["flops"].astype(float) / tokens.where(tokens > 0))
 
 
-def _budget_sections(points, *, direction: str, bases: list[str], unit: str, budgets: int) -> list[tuple]:
+def _budget_sections(points, *, direction: str, bases: list[str], unit: str, budgets: int,
+                     items: dict | None = None) -> list[tuple]:
     """``(caption, LaTeX label, table)`` of each paired table results.md and results.tex carry after the results
     table: the gaps to the control always, the best m and Spearman with several budget points, the lr
     choices with an lr grid."""
     if points.empty:
         return []
-    tables = budget_tables(points, direction=direction, bases=bases, unit=unit)
+    tables = budget_tables(points, direction=direction, bases=bases, unit=unit, items=items)
     better = "negative" if direction == "minimize" else "positive"
     out = [(f"Paired gap to the control (DUS at m = n/2, same CPT) at each budget point: arm − control over repeats "
             f"paired by data order, each arm at its chosen lr; {better} is better. Better or worse only where the "
@@ -340,6 +350,10 @@ def _budget_sections(points, *, direction: str, bases: list[str], unit: str, bud
         out.append(("Spearman's rank correlation of the arms' mean objectives between consecutive budget points "
                     "(p exact up to 8 arms): does an early budget predict the later ranking?", "tab:spearman",
                     tables["spearman"]))
+    if len(tables["items"]):
+        out.append(("Answer accuracy per level k at the last budget point: arm − control, paired by repeat, with a "
+                    "95% bootstrap interval over the evaluation items (2,000 draws; the seeds are not resampled); "
+                    "positive is better.", "tab:items", tables["items"]))
     if len(tables["lr"]):
         out.append(("The learning rate of each arm at each budget point, chosen on held-out loss (never on the "
                     "evaluation items).", "tab:lr", tables["lr"]))

@@ -18,7 +18,7 @@ from ablate.fsutil import atomic_write_text
 from ablate.storage import open_storage
 
 __all__ = ["COLUMNS", "BUDGET_COLUMNS", "STATES", "read_records", "trial_rows", "budget_rows", "load",
-           "load_budgets", "write_csv", "study_dir_info", "storage_url", "open_study"]
+           "load_budgets", "read_items", "write_csv", "study_dir_info", "storage_url", "open_study"]
 
 # Fixed leading columns; task metrics ("synth_k1/acc", ...) follow in sorted order.
 COLUMNS = ["study", "trial", "state", "base", "method", "n", "m", "s", "repeat", "lr", "seed", "data_order_seed",
@@ -73,6 +73,24 @@ def _point_rows(name: str, number: int, state: str, record: dict) -> list[dict]:
         row.update({k: v for k, v in metrics.items() if k not in ("val_loss", "val_ppl")})
         rows.append(row)
     return rows
+
+
+def read_items(study_dir: str | Path) -> dict[tuple[int, float, str], dict]:
+    """(trial, budget point, task) -> ``{"hit": [...], "loss": [...]}``: every evaluation item's score, from
+    each trial folder's ``items.jsonl`` (the synthetic answer items; the same items in every trial)."""
+    out = {}
+    folder = Path(study_dir) / "trials"
+    for path in folder.glob("*/items.jsonl") if folder.is_dir() else []:
+        if not path.parent.name.isdigit():
+            continue
+        try:
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                out[(int(path.parent.name), float(row["budget"]), row["task"])] = {"hit": row["hit"],
+                                                                                   "loss": row["loss"]}
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError, KeyError, TypeError):
+            continue  # a damaged file: those items are left out, the table is not
+    return out
 
 
 def budget_rows(study_dir: str | Path, study=None) -> list[dict]:

@@ -17,8 +17,10 @@ conventions:
   direction) only where the 95% interval excludes zero; "cannot be ordered" where it covers zero;
   "one pair: no interval" with a single pair; "no pairs" when nothing could be paired.
 
-Accuracies get the same t interval over repeats: the per-item correctness an item bootstrap needs
-is not recorded by the trials.
+Accuracies get the same t interval over repeats; the synthetic answer items' accuracies also get a
+bootstrap over items (:func:`item_gaps`), from the per-item scores each trial records
+(``items.jsonl``, :func:`ablate.results.read_items`): with a few seeds, the items are the larger
+source of sampling error in an accuracy.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import warnings
 import numpy as np
 
 __all__ = ["CONFIDENCE", "ARMS", "points", "scored", "best_lr", "trials_at_best_lr", "paired", "verdict",
-           "paired_gaps", "best_m_by_budget", "arm_means", "rank_correlation", "arm_label", "metric_direction"]
+           "paired_gaps", "item_gaps", "best_m_by_budget", "arm_means", "rank_correlation", "arm_label",
+           "metric_direction"]
 
 CONFIDENCE = 0.95
 ARMS = ("dus", "moe")  # the methods compared with the control; "nocpt" is a reference, not an arm
@@ -219,6 +222,61 @@ def paired_gaps(frame, metric: str = "objective", direction: str = "minimize"):
     # DUS by m first, then MoE, within each base and point
     return out.assign(_o=out["method"].ne("dus")).sort_values(["base", "budget", "_o", "m"], kind="stable") \
         .drop(columns="_o").reset_index(drop=True)
+
+
+ITEM_COLUMNS = ["base", "n", "budget", "task", "method", "m", "arm", "lr", "pairs", "items", "arm_mean",
+                "control_mean", "arm_minus_control", "lo", "hi", "verdict"]
+
+
+def item_gaps(frame, items: dict, *, tasks: list[str] | None = None, resamples: int = 2000, seed: int = 0):
+    """Per base, budget point and answer task (``answer_k<k>``): every arm's accuracy minus the control's,
+    with a 95% percentile interval from a paired bootstrap over the evaluation items.
+
+    ``items`` is :func:`ablate.results.read_items`' mapping (trial, point, task) -> per-item scores. Arms
+    and lrs as in :func:`paired_gaps` (each arm at the lr chosen on held-out loss); the difference is the
+    mean over repeat pairs of (arm's hits - control's hits) averaged over items, and each bootstrap draw
+    resamples the items with replacement, the same draw for every pair (the items are the same for
+    every trial). Repeats are not resampled: with few seeds this interval is about the items alone,
+    the t interval of :func:`paired_gaps` about the seeds. Positive is better (an accuracy)."""
+    import pandas as pd
+
+    f = scored(best_lr(frame)[0], "objective")
+    depth = _depths(f)
+    rng = np.random.default_rng(seed)
+    rows = []
+    known = sorted({task for _, _, task in items})
+    for (base, budget), g in f.groupby(["base", "budget"], sort=True):
+        n = depth.get(base)
+        if n is None or n % 2:
+            continue
+        is_control = (g["method"] == "dus") & (g["m"] == n / 2)
+        control = {int(r.repeat): int(r.trial) for r in g[is_control].itertuples()}
+        others = g[~is_control].assign(_m=lambda x: _mkey(x))
+        for task in tasks or known:
+            for (method, m), arm in others.groupby(["method", "_m"], sort=True):
+                pairs = []
+                for r in arm.itertuples():
+                    a = items.get((int(r.trial), float(budget), task))
+                    c = items.get((control.get(int(r.repeat), -1), float(budget), task))
+                    if a is not None and c is not None and len(a["hit"]) == len(c["hit"]):
+                        pairs.append((np.asarray(a["hit"], float), np.asarray(c["hit"], float)))
+                if not pairs:
+                    continue
+                diff = np.mean([x - y for x, y in pairs], axis=0)  # per item, mean over pairs
+                draws = rng.integers(0, len(diff), (resamples, len(diff)))
+                boot = diff[draws].mean(axis=1)
+                lo, hi = (float(q) for q in np.percentile(boot, [100 * (1 - CONFIDENCE) / 2,
+                                                                 100 * (1 + CONFIDENCE) / 2]))
+                est = float(diff.mean())
+                rows.append({"base": base, "n": n, "budget": budget, "task": task, "method": method,
+                             "m": math.nan if m < 0 else m, "arm": arm_label(method, m), "lr": _lr_of(arm),
+                             "pairs": len(pairs), "items": len(diff),
+                             "arm_mean": float(np.mean([x.mean() for x, _ in pairs])),
+                             "control_mean": float(np.mean([y.mean() for _, y in pairs])),
+                             "arm_minus_control": est, "lo": lo, "hi": hi,
+                             # the items give an interval even with one pair of seeds
+                             "verdict": verdict({"pairs": 2, "lo": lo, "hi": hi}, "maximize")})
+    return pd.DataFrame(rows, columns=ITEM_COLUMNS)
 
 
 BEST_COLUMNS = ["base", "n", "budget", "best_m", "best_mean", "repeats", "lr", "runner_up_m", "runner_up_mean",

@@ -381,7 +381,8 @@ def answer_items(k: int, max_items: int = ANSWER_ITEMS, *, seed: int = 0,
 
 
 def answer_metrics(model, tokenizer, *, levels: Sequence[int] = DEFAULT_LEVELS, max_items: int = ANSWER_ITEMS,
-                   seed: int = 0, batch_size: int = 256, config: SyntheticConfig | None = None) -> dict[str, float]:
+                   seed: int = 0, batch_size: int = 256, config: SyntheticConfig | None = None,
+                   per_item: dict | None = None) -> dict[str, float]:
     """Loss and accuracy of ``model`` on the answer of the k-step queries, per level k.
 
     Items: :func:`answer_items` per level (every distinct query up to ``max_items``, a fixed seeded
@@ -401,6 +402,9 @@ def answer_metrics(model, tokenizer, *, levels: Sequence[int] = DEFAULT_LEVELS, 
     - ``answer/loss``, ``answer/acc``: the unweighted mean over levels, each level counting once
       however many items it has.
 
+    ``per_item``, when given, receives ``{"answer_k<k>": {"hit": [0/1, ...], "loss": [...]}}`` in the
+    order of :func:`answer_items`, the same items for every model: what a bootstrap over items needs.
+
     One forward pass per ``batch_size`` prompts (right-padded; a causal model's logits at real
     positions never see the padding), fp32 softmax over the model's own-dtype logits, no
     gradients, on the model's device; the train/eval mode is restored afterwards.
@@ -418,6 +422,8 @@ def answer_metrics(model, tokenizer, *, levels: Sequence[int] = DEFAULT_LEVELS, 
         mine = [i for i, item in enumerate(items) if item["k"] == k]
         out[f"answer_k{k}/loss"] = sum(losses[i] for i in mine) / len(mine)
         out[f"answer_k{k}/acc"] = sum(hits[i] for i in mine) / len(mine)
+        if per_item is not None:
+            per_item[f"answer_k{k}"] = {"hit": [int(hits[i]) for i in mine], "loss": [losses[i] for i in mine]}
     out["answer/loss"] = sum(out[f"answer_k{k}/loss"] for k in levels) / len(levels)
     out["answer/acc"] = sum(out[f"answer_k{k}/acc"] for k in levels) / len(levels)
     return out

@@ -130,8 +130,9 @@ def repeat_train_config(train, repeat: int):
     return train.model_copy(update={"seed": train.seed + repeat, "data_order_seed": order})
 
 
-def _evaluate(ws: Workspace, model, tokenizer, data) -> dict:
-    """Every score of a model: held-out loss and perplexity, and each evaluation task."""
+def _evaluate(ws: Workspace, model, tokenizer, data, per_item: dict | None = None) -> dict:
+    """Every score of a model: held-out loss and perplexity, and each evaluation task; ``per_item``
+    receives the answer items' scores one by one (see :func:`ablate.synthetic.answer_metrics`)."""
     ev = ws.config.eval
     metrics = dict(perplexity(model, data.val, batch_size=ws.config.train.micro_batch_size))
     metrics.pop("tokens", None)
@@ -140,7 +141,7 @@ def _evaluate(ws: Workspace, model, tokenizer, data) -> dict:
                                 subset_seed=ev.subset_seed, num_fewshot=shots, batch_size=ev.batch_size,
                                 progress=ws.progress))
     if ev.synthetic_tasks:  # the answer tokens' loss and accuracy per level k (objective answer_loss)
-        metrics.update(answer_metrics(model, tokenizer))
+        metrics.update(answer_metrics(model, tokenizer, per_item=per_item))
     return metrics
 
 
@@ -159,7 +160,7 @@ def run_trial(ws: Workspace, arm, out_dir: Path, on_eval: Callable[[int, int, fl
     base, tokenizer = ws.base(arm.base)
     n = base.config.num_hidden_layers
     if arm.method == NOCPT:
-        return _no_cpt_record(ws, arm, base, tokenizer, ws.data(tokenizer), t0)
+        return _no_cpt_record(ws, arm, base, tokenizer, ws.data(tokenizer), t0, out_dir)
     train_cfg = repeat_train_config(train_config_for(ws.config.train, arm), arm.repeat)
     seq_len = ws.config.data.seq_len
     variant = build_variant(ws, arm, base)
@@ -177,8 +178,10 @@ def run_trial(ws: Workspace, arm, out_dir: Path, on_eval: Callable[[int, int, fl
     def evaluate_point(point, info) -> bool:
         nonlocal eval_s
         e0 = time.perf_counter()
-        metrics = _evaluate(ws, variant, tokenizer, data)
+        items: dict = {}
+        metrics = _evaluate(ws, variant, tokenizer, data, items)
         objective = objective_value(metrics, ws.config.eval.objective)
+        _write_items(out_dir, nominal[point.index], items, append=bool(points))
         eval_s += time.perf_counter() - e0
         points.append({"budget": nominal[point.index], "budget_tokens": point.tokens, "tokens": info["tokens"],
                        "flops": flops_per_token * info["tokens"], "steps": info["steps"],
@@ -219,11 +222,13 @@ def run_trial(ws: Workspace, arm, out_dir: Path, on_eval: Callable[[int, int, fl
     return record
 
 
-def _no_cpt_record(ws: Workspace, arm, base, tokenizer, data, t0: float) -> dict:
+def _no_cpt_record(ws: Workspace, arm, base, tokenizer, data, t0: float, out_dir: Path) -> dict:
     """The reference every study has: the base as it is, no CPT, scored like every arm."""
     params = count_params(base)
     t1 = time.perf_counter()
-    metrics = _evaluate(ws, base, tokenizer, data)
+    items: dict = {}
+    metrics = _evaluate(ws, base, tokenizer, data, items)
+    _write_items(out_dir, 0, items, append=False)
     objective = objective_value(metrics, ws.config.eval.objective)
     t2 = time.perf_counter()
     n = base.config.num_hidden_layers
@@ -235,6 +240,17 @@ def _no_cpt_record(ws: Workspace, arm, base, tokenizer, data, t0: float) -> dict
             "device": str(ws.device), "status": "completed", "reason": "the base as it is: no CPT",
             "schedule": None, "build_s": round(t1 - t0, 3), "train_s": 0.0, "budgets": [point],
             "metrics": metrics, "objective": objective, "eval_s": round(t2 - t1, 3), "wall_s": round(t2 - t0, 3)}
+
+
+def _write_items(out_dir: Path, budget, items: dict, *, append: bool) -> None:
+    """``items.jsonl`` in the trial folder: per budget point and task, every evaluation item's score
+    (0/1 ``hit``, ``loss`` in nats), so intervals can resample items (``ablate.stats.item_gaps``)."""
+    if not items:
+        return
+    with open(Path(out_dir) / "items.jsonl", "a" if append else "w") as f:
+        for task, scores in items.items():
+            f.write(json.dumps({"budget": budget, "task": task, "hit": scores["hit"],
+                                "loss": [round(x, 5) for x in scores["loss"]]}) + "\n")
 
 
 class Objective:

@@ -224,3 +224,21 @@ def test_equal_flops_study_gives_deeper_arms_fewer_tokens(home, tmp_path):
     for row in (deep, base):  # each trained the tokens its FLOPs buy, in whole steps
         assert row.tokens == 8e8 // row.flops_per_token // 128 * 128
         assert row.flops == row.tokens * row.flops_per_token <= 8e8
+
+
+def test_items_round_trip_from_trial_folders(tmp_path):
+    """What a trial writes per budget point and item (items.jsonl) is what the item bootstrap reads."""
+    from ablate.results import read_items
+    from ablate.trial import _write_items
+
+    for trial, hits in ((0, [0, 1, 1]), (1, [1, 1, 1])):
+        folder = tmp_path / "trials" / str(trial)
+        folder.mkdir(parents=True)
+        _write_items(folder, 256, {"answer_k1": {"hit": hits, "loss": [0.5, 0.25, 0.125]}}, append=False)
+        _write_items(folder, 512, {"answer_k1": {"hit": hits[::-1], "loss": [1 / 3] * 3}}, append=True)
+    (tmp_path / "trials" / "7").mkdir()
+    (tmp_path / "trials" / "7" / "items.jsonl").write_text("{not json\n")  # damaged: left out
+    items = read_items(tmp_path)
+    assert sorted(items) == [(0, 256.0, "answer_k1"), (0, 512.0, "answer_k1"), (1, 256.0, "answer_k1"),
+                             (1, 512.0, "answer_k1")]
+    assert items[(0, 512.0, "answer_k1")] == {"hit": [1, 1, 0], "loss": [0.33333] * 3}

@@ -229,3 +229,34 @@ def test_arm_means_t_interval_and_trials_at_the_chosen_lr():
                            "lr": [1e-3, 3e-3, 1e-3, 3e-3, None], "trial": range(5)})
     assert list(stats.trials_at_best_lr(trials, df)["trial"]) == [0, 3, 4]
     assert len(stats.trials_at_best_lr(trials, frame(arm("dus", 2, CONTROL)))) == 5  # one lr: nothing dropped
+
+
+def _item_frame():
+    rows = [row("dus", 2, r, 2.0, trial=r) for r in range(2)] + [row("dus", 0, r, 1.9, trial=10 + r) for r in range(2)]
+    return frame(rows)
+
+
+def test_item_bootstrap_by_hand():
+    """A bootstrap over items of the paired accuracy difference: all-or-nothing items give a point
+    interval; a 50/50 split gives an interval around +0.5 as wide as resampling 400 coin flips allows."""
+    df = _item_frame()
+    ones, zeros = [1] * 400, [0] * 400
+    half = [1, 0] * 200
+    items = {(0, 1000.0, "answer_k1"): {"hit": zeros}, (1, 1000.0, "answer_k1"): {"hit": zeros},
+             (10, 1000.0, "answer_k1"): {"hit": ones}, (11, 1000.0, "answer_k1"): {"hit": ones},
+             (0, 1000.0, "answer_k2"): {"hit": zeros}, (1, 1000.0, "answer_k2"): {"hit": zeros},
+             (10, 1000.0, "answer_k2"): {"hit": half}, (11, 1000.0, "answer_k2"): {"hit": half}}
+    gaps = stats.item_gaps(df, items).set_index("task")
+    k1, k2 = gaps.loc["answer_k1"], gaps.loc["answer_k2"]
+    assert (k1["arm"], k1["pairs"], k1["items"]) == ("DUS m=0", 2, 400)
+    assert (k1["arm_minus_control"], k1["lo"], k1["hi"], k1["verdict"]) == (1.0, 1.0, 1.0, "better")
+    # the mean of 400 fair coin flips: sd 0.025, a 95% interval of about +-0.049 around 0.5
+    assert k2["arm_minus_control"] == 0.5 and k2["verdict"] == "better"
+    assert 0.5 - 0.06 < k2["lo"] < 0.5 - 0.04 and 0.5 + 0.04 < k2["hi"] < 0.5 + 0.06
+    # a control as good as the arm: cannot be ordered
+    same = {**items, (0, 1000.0, "answer_k2"): {"hit": half[::-1]}, (1, 1000.0, "answer_k2"): {"hit": half[::-1]}}
+    tie = stats.item_gaps(df, same, tasks=["answer_k2"]).iloc[0]
+    assert tie["arm_minus_control"] == 0.0 and tie["lo"] < 0 < tie["hi"] and tie["verdict"] == "cannot be ordered"
+    # items missing for a trial: that pair is left out, not guessed
+    partial = {k: v for k, v in items.items() if k[0] != 11}
+    assert stats.item_gaps(df, partial, tasks=["answer_k1"]).iloc[0]["pairs"] == 1
