@@ -406,7 +406,13 @@ def _refuse_bools(node, annotation, where: str, path: str = "") -> None:
 
 def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     """Apply ``key.path=value`` overrides; values are parsed as YAML (``1e-3`` becomes a float),
-    except where the field takes text (``--set name=123`` is the name "123")."""
+    except where the field takes text (``--set name=123`` is the name "123").
+
+    ``--set train.budgets=[...]`` without ``--set train.tokens=...`` drops the file's ``train.tokens``,
+    which then defaults to the last budget point: the command line's budget points are the run."""
+    keys = {item.partition("=")[0].strip() for item in overrides}
+    if "train.budgets" in keys and "train.tokens" not in keys and isinstance(tree.get("train"), dict):
+        tree["train"].pop("tokens", None)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():

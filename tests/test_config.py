@@ -145,3 +145,12 @@ def test_malformed_yaml_names_the_line(tmp_path):
 def test_missing_config_file():
     with pytest.raises(UserError, match="does not exist"):
         load_study_config("/nonexistent/study.yaml")
+
+
+def test_budget_points_on_the_command_line_replace_the_files_budget():
+    """`--set 'train.budgets=[...]'` on a study file with its own tokens: the points are the run."""
+    config = load_study_config(None, ["train.schedule=wsd", "train.budgets=[1024,4096]", "train.warmup_tokens=0"])
+    assert (config.train.tokens, config.train.budget_points) == (4096, [1024, 4096])
+    with pytest.raises(UserError, match="must equal tokens=65536"):  # both given and disagreeing: say so
+        load_study_config(None, ["train.schedule=wsd", "train.budgets=[1024,4096]", "train.warmup_tokens=0",
+                                 "train.tokens=65536"])
