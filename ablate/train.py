@@ -27,6 +27,7 @@ import pydantic
 import torch
 from pydantic import Field
 
+from ablate import precision as precisions
 from ablate.data import SHUFFLE_WINDOW, PackedData
 from ablate.errors import UserError
 from ablate.torchutil import evaluating
@@ -239,6 +240,7 @@ class TrainResult:
     schedule: str = "cosine"
     points: list[dict] = field(default_factory=list)  # one per budget point reached (see continue_pretraining)
     branch_tokens: int = 0  # tokens trained in cooldown branches, on top of ``tokens``
+    precision_choice: dict = field(default_factory=dict)  # why ``precision`` (ablate.precision.Choice)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -356,18 +358,10 @@ def plan_budget(config: TrainConfig, *, seq_len: int, num_train_rows: int,
                   accum_steps=config.tokens_per_step // per_micro)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> 'bf16' where the device has native bf16 matmuls, else 'fp32'."""
-    if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported()
-    else:  # CPUs without AVX512-BF16/AMX emulate bf16 and run it far slower than fp32
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if precision == "auto":
-        return "bf16" if native else "fp32"
-    if precision == "bf16" and device.type == "cuda" and not native:
-        raise UserError(f"precision='bf16' but {torch.cuda.get_device_name(device)} has no bf16; "
-                        "use precision='fp32' or 'auto'")
-    return precision
+def resolve_precision(precision: str, device: torch.device, model=None, *, micro_batch: int = 8,
+                      seq_len: int = 128) -> str:
+    """'auto' -> what trains ``model`` fastest on ``device`` (:func:`ablate.precision.choose`)."""
+    return precisions.choose(precision, device, model, micro_batch=micro_batch, seq_len=seq_len).precision
 
 
 def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -475,7 +469,9 @@ def continue_pretraining(model: torch.nn.Module, data: PackedData, config: Train
     budget = plan_budget(config, seq_len=data.seq_len, num_train_rows=int(data.train.shape[0]),
                          num_processes=accelerator.num_processes)
     points = plan_points(config)
-    precision = resolve_precision(config.precision, accelerator.device)
+    choice = precisions.choose(config.precision, accelerator.device, model, micro_batch=config.micro_batch_size,
+                               seq_len=data.seq_len)
+    precision = choice.precision
     if accelerator.mixed_precision not in ("no", precision):
         raise UserError(f"accelerate was launched with mixed_precision={accelerator.mixed_precision}"
                         f" but TrainConfig.precision resolves to {precision}; launch without "
@@ -649,7 +645,8 @@ def continue_pretraining(model: torch.nn.Module, data: PackedData, config: Train
         initial_val_loss=initial, train_loss=train_loss, wall_s=time.perf_counter() - start,
         tokens_per_s=clock["steps"] * config.tokens_per_step / clock["train_s"] if clock["train_s"] else 0.0,
         precision=precision, device=str(device), num_processes=world, val_losses=val_losses,
-        schedule=config.schedule, points=done_points, branch_tokens=branch_tokens)
+        schedule=config.schedule, points=done_points, branch_tokens=branch_tokens,
+        precision_choice=choice.to_dict())
     if out is not None:
         (out / "train_result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return result

@@ -205,7 +205,8 @@ def run_trial(ws: Workspace, arm, out_dir: Path, on_eval: Callable[[int, int, fl
         "device": str(ws.device), "status": result.status, "reason": result.reason, "schedule": train_cfg.schedule,
         "build_s": round(t1 - t0, 3), "train_s": round(t2 - t1 - eval_s, 3),
         "train": {"initial_val_loss": result.initial_val_loss, "final_val_loss": result.final_val_loss,
-                  "tokens_per_s": result.tokens_per_s, "precision": result.precision},
+                  "tokens_per_s": result.tokens_per_s, "precision": result.precision,
+                  "precision_choice": result.precision_choice},
         "budgets": points,
     }
     if result.status == "diverged":
