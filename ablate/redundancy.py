@@ -11,6 +11,11 @@ Hidden states are taken with forward hooks on the decoder layers, not from
 ``output_hidden_states``: in transformers the last entry of that tuple comes after the
 final norm, so it is not the last layer's output.
 
+:func:`measure` computes what a layer plan that chooses layers by redundancy needs
+(:mod:`ablate.plan`: ``similar(m)``, ``prune(k, by=angular | influence)``): these per-layer
+distances, ShortGPT's block influence, and Gromov et al.'s distance between the hidden states
+``k`` layers apart at each row's final token, all in one pass.
+
 :func:`study_redundancy` computes it for every base model of a study and caches it in
 ``<study folder>/redundancy.json``; nothing here trains.
 """
@@ -31,7 +36,7 @@ from ablate.fsutil import atomic_write_json
 from ablate.plan import layer_plan
 from ablate.torchutil import evaluating
 
-__all__ = ["angular_distances", "dus_layers", "study_redundancy", "CACHE_NAME"]
+__all__ = ["angular_distances", "measure", "dus_layers", "study_redundancy", "CACHE_NAME"]
 
 CACHE_NAME = "redundancy.json"
 CACHE_VERSION = 1  # bump when the measure changes: older caches are then recomputed
@@ -67,26 +72,56 @@ def angular_distances(model, rows, *, batch_size: int = 8) -> np.ndarray:
     counts once. Runs on the model's device in the model's dtype; the angles are taken in
     float64.
     """
+    return np.asarray(measure(model, rows, [("angular", 1)], batch_size=batch_size)[("angular", 1)])
+
+
+def measure(model, rows, needs, *, batch_size: int = 8) -> dict[tuple[str, int], list[float]]:
+    """The measurements a layer plan needs (:meth:`ablate.plan.Operator.needs`), in one pass over ``rows``.
+
+    ``needs`` holds ``(kind, k)`` pairs: ``("angular", 1)``, each layer's mean angular distance over every
+    token; ``("influence", 1)``, ShortGPT's block influence ``1 - cos(x_l, x_(l+1))`` over every token;
+    ``("gromov", k)``, Gromov et al.'s ``d(x^l, x^(l+k))`` for ``l = 0 .. n-k`` at each row's final token (the
+    token their formula uses), averaged over rows, where ``x^l`` enters layer ``l`` and ``x^n`` leaves the
+    last layer (before the final norm). Only the final token's states are kept across layers, so memory
+    stays one batch's activations whatever ``k``.
+    """
     import torch
 
     layers = _decoder_layers(model)
+    n = len(layers)
+    needs = list(dict.fromkeys((str(kind), int(k)) for kind, k in needs))
+    unknown = [need for need in needs if need[0] not in ("angular", "influence", "gromov")
+               or (need[0] != "gromov" and need[1] != 1) or not 1 <= need[1] <= n]
+    if unknown:
+        raise UserError(f"cannot measure {unknown[0]} on {n} layers; measurements are ('angular', 1), "
+                        "('influence', 1) and ('gromov', k) with 1 <= k <= n")
     ids_all = torch.from_numpy(np.array(rows, dtype=np.int64))  # a copy: cached rows are read-only memmaps
     if ids_all.ndim != 2 or ids_all.shape[0] == 0 or ids_all.shape[1] == 0:
-        raise UserError(f"angular_distances needs token rows [rows, seq_len]; got shape {tuple(ids_all.shape)}")
+        raise UserError(f"layer redundancy needs token rows [rows, seq_len]; got shape {tuple(ids_all.shape)}")
     device = next(model.parameters()).device
-    sums = torch.zeros(len(layers), dtype=torch.float64)
+    per_layer = {kind: torch.zeros(n, dtype=torch.float64) for kind in ("angular", "influence")}
+    blocks = {k: torch.zeros(n - k + 1, dtype=torch.float64) for kind, k in needs if kind == "gromov"}
     inputs: dict[int, torch.Tensor] = {}
+    last: dict[int, torch.Tensor] = {}  # x^l at each row's final token, l = 0 .. n
 
     def pre_hook(index):
         def hook(module, args, kwargs):
-            inputs[index] = args[0] if args else kwargs["hidden_states"]
+            h = args[0] if args else kwargs["hidden_states"]
+            inputs[index] = h
+            if blocks:
+                last[index] = h[:, -1].double()
         return hook
 
     def post_hook(index):
         def hook(module, args, kwargs, output):
             out = output[0] if isinstance(output, tuple) else output
             h_in, h_out = inputs.pop(index).double(), out.double()
-            sums[index] += _angle(h_in, h_out).sum().cpu()
+            if ("angular", 1) in needs:
+                per_layer["angular"][index] += _angle(h_in, h_out).sum().cpu()
+            if ("influence", 1) in needs:
+                per_layer["influence"][index] += (1 - _cosine(h_in, h_out)).sum().cpu()
+            if blocks and index == n - 1:
+                last[n] = h_out[:, -1]
         return hook
 
     handles = []
@@ -97,10 +132,26 @@ def angular_distances(model, rows, *, batch_size: int = 8) -> np.ndarray:
         with evaluating(model):
             for start in range(0, ids_all.shape[0], batch_size):
                 model(input_ids=ids_all[start:start + batch_size].to(device), use_cache=False)
+                for k, sums in blocks.items():
+                    for l in range(n - k + 1):  # noqa: E741 (Gromov et al.'s l)
+                        sums[l] += _angle(last[l], last[l + k]).sum().cpu()
+                last.clear()
     finally:
         for h in handles:
             h.remove()
-    return (sums / ids_all.numel()).numpy()
+    tokens, count = ids_all.numel(), ids_all.shape[0]
+    out: dict[tuple[str, int], list[float]] = {}
+    for kind, k in needs:
+        values = blocks[k] / count if kind == "gromov" else per_layer[kind] / tokens
+        out[(kind, k)] = [float(v) for v in values]
+    return out
+
+
+def _cosine(a, b):
+    """Cosine similarity between rows of ``a`` and ``b`` (0 where either is zero)."""
+    u = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    v = b / b.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    return (u * v).sum(dim=-1)
 
 
 def dus_layers(n: int, m: int) -> tuple[list[int], list[int]]:

@@ -5,7 +5,10 @@ the residual stream passes unchanged) measures exactly 0 while random layers mea
 more, in every test family; that the values match arccos(cos)/pi computed from
 transformers' own ``output_hidden_states`` for every layer but the last (whose entry there
 comes after the final norm); the DUS duplicated/dropped layer sets; and that
-``study_redundancy`` caches per base and recomputes only when the key changes.
+``study_redundancy`` caches per base and recomputes only when the key changes. The measurements of
+plans that choose layers (issue 16): ``prune(k, by=angular)`` picks the block a direct implementation
+of Gromov et al.'s formula on transformers' hidden states picks, ``by=influence`` is ShortGPT's block
+influence, and ``similar(m)`` duplicates the layers nearest the identity.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import torch
 from conftest import FAMILIES, tiny_model
 
 from ablate.errors import UserError
-from ablate.redundancy import CACHE_NAME, angular_distances, dus_layers, study_redundancy
+from ablate.plan import prune, similar
+from ablate.redundancy import CACHE_NAME, angular_distances, dus_layers, measure, study_redundancy
 
 ROWS = np.random.default_rng(0).integers(0, 96, size=(3, 10))
 
@@ -100,3 +104,68 @@ def test_study_redundancy_loads_a_local_checkpoint_and_the_study_data(tmp_path, 
                            "train": {"tokens": 2048}}).model_dump(mode="json")
     out = study_redundancy(config, tmp_path, rows=8, device="cpu")
     assert list(out) == ["ck"] and len(out["ck"]) == 3 and all(0 < d < 1 for d in out["ck"])
+
+
+def _hidden_states_without_final_norm(model, rows):
+    """x^0 .. x^n straight from transformers: output_hidden_states with the final norm made the identity,
+    so the last entry is the last layer's output (the reference Gromov et al.'s formula reads)."""
+    norm = model.model.norm
+    model.model.norm = torch.nn.Identity()
+    try:
+        with torch.no_grad():
+            return [h.double() for h in model(input_ids=torch.as_tensor(rows), output_hidden_states=True).hidden_states]
+    finally:
+        model.model.norm = norm
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prune_by_angular_picks_what_gromov_et_al_s_formula_picks(family):
+    """d(x^l, x^(l+k)) = arccos(x_T^l . x_T^(l+k) / |x_T^l| |x_T^(l+k)|) / pi at the final token T, averaged over
+    rows; the block l* .. l*+k-1 of least distance goes. Implemented here directly on transformers' hidden states."""
+    n = 6
+    model = tiny_model(family, n, seed=3)
+    rows = np.random.default_rng(1).integers(0, 96, size=(5, 12))
+    hs = _hidden_states_without_final_norm(model, rows)
+    measured = measure(model, rows, [("gromov", k) for k in range(1, n)], batch_size=2)
+    for k in range(1, n):
+        direct = []
+        for layer in range(n - k + 1):
+            a, b = hs[layer][:, -1], hs[layer + k][:, -1]
+            cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).clamp(-1, 1)
+            direct.append(float((torch.arccos(cos) / torch.pi).mean()))
+        assert measured[("gromov", k)] == pytest.approx(direct, abs=1e-6)
+        start = int(np.argmin(direct))
+        plan = prune(k, "angular").plan(n, measured)
+        assert list(plan.sources) == [i for i in range(n) if not start <= i < start + k], k
+
+
+def test_prune_by_influence_is_shortgpt_s_block_influence():
+    n = 5
+    model = tiny_model("llama", n, seed=4)
+    rows = np.random.default_rng(2).integers(0, 96, size=(3, 9))
+    hs = _hidden_states_without_final_norm(model, rows)
+    got = measure(model, rows, [("influence", 1), ("angular", 1)], batch_size=2)
+    bi = [float((1 - torch.nn.functional.cosine_similarity(hs[i], hs[i + 1], dim=-1)).mean()) for i in range(n)]
+    assert got[("influence", 1)] == pytest.approx(bi, abs=1e-9)
+    assert got[("angular", 1)] == pytest.approx(angular_distances(model, rows, batch_size=2).tolist(), abs=0)
+    keep = sorted(sorted(range(n), key=lambda i: bi[i])[2:])
+    assert list(prune(2, "influence").plan(n, got).sources) == keep
+
+
+def test_similar_duplicates_the_layers_nearest_the_identity():
+    """Two consecutive identity layers (zero-output) at the top: similar(m) duplicates them, not SOLAR's middle."""
+    n = 6
+    model = tiny_model("llama", n, seed=5)
+    with torch.no_grad():
+        for i in (4, 5):
+            model.model.layers[i].self_attn.o_proj.weight.zero_()
+            model.model.layers[i].mlp.down_proj.weight.zero_()
+    op = similar(2)
+    measured = measure(model, ROWS, op.needs(n))
+    assert measured[("angular", 1)][4:] == [0.0, 0.0]
+    assert op.plan(n, measured).sources == (0, 1, 2, 3, 4, 5, 4, 5)
+
+
+def test_unknown_measurement_is_a_user_error():
+    with pytest.raises(UserError, match="cannot measure"):
+        measure(tiny_model("llama", 2), ROWS, [("gromov", 3)])
