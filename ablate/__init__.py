@@ -3,7 +3,7 @@
 Modules, each with one job (``tests/test_architecture.py`` keeps their imports free of cycles):
 
 - ``errors``, ``fsutil``, ``torchutil``  one-line user errors; atomic writes and the cache home; eval mode
-- ``plan``       the DUS layer plan, pure Python
+- ``plan``       layer plans (solar, stack, llama_pro, mid, similar, prune), pure Python
 - ``params``     total and active parameter counts
 - ``synthetic``  the deterministic synthetic corpus and its evaluation tasks
 - ``data``       packed, cached token batches from the corpus, local files or the hub

@@ -12,6 +12,7 @@ The output folder appears only when complete (:func:`ablate.fsutil.atomic_dir`).
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
@@ -27,11 +28,11 @@ from tqdm.auto import tqdm
 from ablate import base as bases
 from ablate.errors import UserError, first_line
 from ablate.fsutil import atomic_dir, atomic_write_json, check_writable
-from ablate.plan import mergekit_slices
+from ablate.plan import Plan, solar
 
 __all__ = [
-    "Source", "TensorRef", "TensorBytes", "resolve_source", "load_config", "renamed_tensors",
-    "write_checkpoint", "mergekit_passthrough_yaml", "parse_size",
+    "Source", "TensorRef", "TensorBytes", "TensorZeros", "resolve_source", "load_config", "renamed_tensors",
+    "write_checkpoint", "mergekit_passthrough_yaml", "mergekit_plan_yaml", "parse_size",
 ]
 
 COPY_CHUNK = 16 * 2**20  # bytes per read when copying a tensor: bounds peak memory
@@ -69,6 +70,17 @@ class TensorBytes:
     @property
     def nbytes(self) -> int:
         return len(self.data)
+
+
+@dataclass(frozen=True)
+class TensorZeros:
+    """A tensor of zeros (a zero-output layer's projection), written in chunks: never held in memory.
+
+    Zero bytes are 0.0 in every floating-point format safetensors stores (IEEE and bfloat16)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
 
 
 @dataclass(frozen=True)
@@ -166,12 +178,14 @@ def _natural_key(name: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def renamed_tensors(source: Source, rename: Callable[[str], list[str]]) -> dict[str, TensorRef]:
-    """Map each source tensor to zero or more output names, ordered naturally by name."""
-    out: dict[str, TensorRef] = {}
+def renamed_tensors(source: Source, rename: Callable[[str], list[str]],
+                    zeroed: Callable[[str], bool] | None = None) -> dict[str, TensorRef | TensorZeros]:
+    """Map each source tensor to zero or more output names, ordered naturally by name; an output name
+    for which ``zeroed(new_name)`` is true gets zeros of the source tensor's dtype and shape."""
+    out: dict[str, TensorRef | TensorZeros] = {}
     for name, ref in source.tensors.items():
         for new in rename(name):
-            out[new] = ref
+            out[new] = TensorZeros(ref.dtype, ref.shape, ref.nbytes) if zeroed is not None and zeroed(new) else ref
     return dict(sorted(out.items(), key=lambda item: _natural_key(item[0])))
 
 
@@ -214,6 +228,9 @@ def _write_shard(path: Path, names: list[str], tensors: dict, bar) -> None:
                 t = tensors[name]
                 if isinstance(t, TensorBytes):
                     out.write(t.data)
+                elif isinstance(t, TensorZeros):
+                    for start in range(0, t.nbytes, COPY_CHUNK):
+                        out.write(bytes(min(COPY_CHUNK, t.nbytes - start)))
                 else:
                     f = handles.get(t.file) or handles.setdefault(t.file, open(t.file, "rb"))
                     f.seek(t.start)
@@ -303,14 +320,33 @@ def write_checkpoint(source: Source, out: str | os.PathLike, config, tensors: di
 
 def mergekit_passthrough_yaml(src: str, n: int, m: int, config) -> str:
     """mergekit ``passthrough`` recipe for DUS(src, m): ``mergekit-yaml mergekit.yaml OUT``."""
+    return mergekit_plan_yaml(src, solar(m).plan(n), config)
+
+
+# mergekit's passthrough multiplies every tensor whose name contains a filter by its scale: zero for
+# the projections a zero-output layer zeroes (weights and biases), one for the rest of the slice.
+ZERO_OUTPUT_SCALE = {"scale": [{"filter": "o_proj", "value": 0.0}, {"filter": "down_proj", "value": 0.0},
+                               {"value": 1.0}]}
+
+
+def mergekit_plan_yaml(src: str, plan: Plan, config) -> str:
+    """mergekit ``passthrough`` recipe for ``plan`` applied to ``src``: ``mergekit-yaml mergekit.yaml OUT``.
+
+    One slice per run of consecutive base layers; a run of zero-output layers carries
+    ``parameters: scale`` with ``o_proj`` and ``down_proj`` at 0 (how mergekit builds LLaMA Pro-style
+    blocks). Every plan of :mod:`ablate.plan` can be written this way.
+    """
     import yaml
 
-    doc = {
-        "slices": [{"sources": [{"model": src, "layer_range": [a, b]}]} for a, b in mergekit_slices(n, m)],
-        "merge_method": "passthrough",
-        "dtype": _dtype_name(config),
-    }
-    head = f"# DUS of {src}: n={n}, m={m}, s={2 * (n - m)} layers. Rebuild: mergekit-yaml mergekit.yaml OUT\n"
+    slices = []
+    for a, b, zero in plan.slices():
+        source = {"model": src, "layer_range": [a, b]}
+        if zero:
+            source["parameters"] = copy.deepcopy(ZERO_OUTPUT_SCALE)  # a copy each: no YAML anchors in the file
+        slices.append({"sources": [source]})
+    doc = {"slices": slices, "merge_method": "passthrough", "dtype": _dtype_name(config)}
+    head = (f"# {plan.name or 'layer plan'} of {src}: n={plan.n} -> s={len(plan)} layers. "
+            "Rebuild: mergekit-yaml mergekit.yaml OUT\n")
     return head + yaml.safe_dump(doc, sort_keys=False)
 
 

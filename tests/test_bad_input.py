@@ -235,6 +235,27 @@ CASES += [  # issue 13: the budget axis's pruners, the lr grid and the no-CPT re
          study("--set", "repeats=1000", "--set", "train.lr=[" + ",".join(str(i / 10_000) for i in range(1, 27)) + "]"),
          "the study has 104,001 configurations, over 100,000; lower repeats, narrow the m lists or shorten the lr"),
 ]
+CASES += [  # issue 16: layer plans on the export command (the base has 4 layers)
+    Case("upscale-plan-misspelt", "upscale", lambda i: [str(i.kit.base), "--plan", "lama_pro(2)", "--out", i.out],
+         "unknown plan family 'lama_pro' in 'lama_pro(2)'; did you mean llama_pro?", subprocess=True),
+    Case("upscale-plan-without-parentheses", "upscale",
+         lambda i: [str(i.kit.base), "--plan", "llama_pro 2", "--out", i.out], "(did you mean llama_pro(...)?)"),
+    Case("upscale-llama-pro-p-not-dividing-n", "upscale",
+         lambda i: [str(i.kit.base), "--plan", "llama_pro(3)", "--out", i.out],
+         "p must divide n=4; choose p in [1, 2, 4]"),
+    Case("upscale-mid-window-outside", "upscale", lambda i: [str(i.kit.base), "--plan", "mid(3, 2, 2)", "--out", i.out],
+         "the block 3..4 lies outside a model of n=4 layers"),
+    Case("upscale-prune-k-at-least-n", "upscale",
+         lambda i: [str(i.kit.base), "--plan", "prune(4, by=last)", "--out", i.out],
+         "must leave one; choose 0 <= k < 4"),
+    Case("upscale-prune-without-by", "upscale", lambda i: [str(i.kit.base), "--plan", "prune(1)", "--out", i.out],
+         "lacks by; write prune(k, by=angular|influence|last)"),
+    Case("upscale-measured-plan", "upscale",
+         lambda i: [str(i.kit.base), "--plan", "prune(1, by=angular)", "--out", i.out],
+         "an export only copies tensors"),
+    Case("upscale-plan-and-m", "upscale", lambda i: [str(i.kit.base), "--plan", "stack(2)", "--m", "1", "--out", i.out],
+         "not both"),
+]
 YAML_BOMB = ("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefghi", "bcdefghij", strict=False))).encode()
 

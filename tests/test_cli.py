@@ -58,7 +58,8 @@ def test_ablate_upscale_help_runs_as_a_command():
     done = run([ablate_script(), "upscale", "--help"])
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: ablate upscale ") and "--max-shard-size" in done.stdout
-    assert "example: ablate upscale ./mistral-7b --m 8" in done.stdout
+    assert "example: ablate upscale ./mistral-7b --plan 'llama_pro(8)'" in done.stdout
+    assert "--plan PLAN" in done.stdout and "--m M" in done.stdout
 
 
 @pytest.mark.parametrize("module", ["ablate.upscale", "ablate.moe"])

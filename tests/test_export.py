@@ -1,6 +1,7 @@
 """Streaming exports (``python -m ablate.upscale`` / ``ablate.moe``): the written checkpoint loads with
 ``AutoModelForCausalLM`` and equals the in-memory surgery; shards, tokenizer, mergekit recipe, atomicity,
-and one-line errors with exit code 2 for bad input."""
+and one-line errors with exit code 2 for bad input; every layer plan's export (issue 16) against the in-memory
+surgery and against its mergekit recipe read the way mergekit's passthrough reads it."""
 
 import json
 import subprocess
@@ -15,7 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ablate import export
 from ablate.moe import export_upcycled, upcycle
 from ablate.moe import main as moe_main
-from ablate.upscale import depth_upscale, export_upscaled
+from ablate.plan import parse_plan
+from ablate.upscale import apply_plan, depth_upscale, export_plan, export_upscaled
 from ablate.upscale import main as upscale_main
 
 
@@ -120,6 +122,10 @@ def bad_inputs(root, src):
         (upscale_main, [str(root / "pickled"), "--m", "1", "--out", str(root / "o5")], "pickled weights"),
         (upscale_main, [str(src), "--m", "1", "--out", str(root / "exists")], "already exists"),
         (upscale_main, [str(src), "--m", "1", "--out", "/sys/ablate-out"], "cannot write"),
+        (upscale_main, [str(src), "--plan", "llama_pro(3)", "--out", str(root / "o8")], "p must divide n=4"),
+        (upscale_main, [str(src), "--plan", "similar(1)", "--out", str(root / "o9")], "an export only copies tensors"),
+        (upscale_main, [str(src), "--plan", "stack(2)", "--m", "1", "--out", str(root / "o10")], "not both"),
+        (upscale_main, [str(src), "--out", str(root / "o11")], "--plan SPEC"),
         (moe_main, [str(src), "--experts", "2", "--top-k", "3", "--out", str(root / "o6")], "top-k=3 exceeds"),
         (moe_main, [str(qwen), "--experts", "4", "--top-k", "2", "--out", str(root / "o7")], "supported architectures"),
     ]
@@ -147,3 +153,78 @@ def test_cli_subprocess_has_no_traceback(checkpoint, tmp_path):
                         capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "o").config.num_hidden_layers == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Every plan exports (issue 16): tensor for tensor the in-memory surgery, and a mergekit recipe that rebuilds it.
+
+
+def mergekit_passthrough(recipe: dict, base_state: dict) -> dict:
+    """mergekit's passthrough, as its code reads (slices stacked in order, each tensor of a source times the
+    ``scale`` of the first filter its name contains, or of the filterless default), on in-memory tensors."""
+    out, j = {}, 0
+    for piece in recipe["slices"]:
+        (source,) = piece["sources"]
+        rules = source.get("parameters", {}).get("scale", [{"value": 1.0}])
+        a, b = source["layer_range"]
+        for i in range(a, b):
+            prefix = f"model.layers.{i}."
+            for name, value in base_state.items():
+                if name.startswith(prefix):
+                    rest = name[len(prefix):]
+                    scale = next(r["value"] for r in rules if "filter" not in r or r["filter"] in rest)
+                    out[f"model.layers.{j}.{rest}"] = value * scale
+            j += 1
+    out.update({k: v for k, v in base_state.items() if not k.startswith("model.layers.")})
+    return out
+
+
+@pytest.mark.parametrize("spec", ["llama_pro(2)", "stack(2)", "mid(1, 2, 3)", "prune(2, by=last)", "solar(1)"])
+def test_plan_export_equals_in_memory_surgery_and_its_mergekit_recipe(checkpoint, tmp_path, spec):
+    src, model = checkpoint
+    out = tmp_path / "grown"
+    record = export_plan(str(src), spec, str(out), max_shard_size="30KB", progress=False)
+    plan = parse_plan(spec).plan(4)
+    assert record["operator"] == spec and record["plan"] == list(plan.sources)
+    assert record["zero_output"] == plan.zero_layers and record["s"] == len(plan)
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    expected = apply_plan(model, spec)
+    assert loaded.config.num_hidden_layers == len(plan) and loaded.dtype == torch.bfloat16
+    assert loaded.state_dict().keys() == expected.state_dict().keys()
+    for key, value in expected.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    with torch.no_grad():
+        assert torch.equal(loaded(ids()).logits, expected(ids()).logits)
+    recipe = yaml.safe_load((out / "mergekit.yaml").read_text())
+    assert recipe["merge_method"] == "passthrough"
+    rebuilt = mergekit_passthrough(recipe, model.state_dict())
+    for key, value in expected.state_dict().items():
+        if key in rebuilt:  # rotary buffers are not weights
+            assert torch.equal(rebuilt[key], value), key
+
+
+def test_zero_output_export_streams_zeros(checkpoint, tmp_path):
+    src, model = checkpoint
+    export_plan(str(src), "llama_pro(4)", str(tmp_path / "o"), progress=False)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "o").eval()
+    for j in (1, 3, 5, 7):
+        layer = loaded.model.layers[j]
+        assert not layer.self_attn.o_proj.weight.any() and not layer.mlp.down_proj.weight.any()
+        assert torch.equal(layer.mlp.up_proj.weight, model.model.layers[j // 2].mlp.up_proj.weight)
+    with torch.no_grad():  # the grown checkpoint computes the base's function
+        assert torch.equal(loaded(ids()).logits, model(ids()).logits)
+
+
+def test_cli_takes_a_plan(checkpoint, tmp_path, capsys):
+    src, _ = checkpoint
+    with pytest.raises(SystemExit) as info:
+        upscale_main([str(src), "--plan", "llama_pro(2)", "--out", str(tmp_path / "o")])
+    assert info.value.code == 0
+    assert "4 -> 6 layers (llama_pro(2))" in capsys.readouterr().out
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "o").config.num_hidden_layers == 6
+    assert json.loads((tmp_path / "o" / "ablate.json").read_text())["method"] == "plan"
+    with pytest.raises(SystemExit) as info:
+        upscale_main([str(src), "--m", "1", "--out", str(tmp_path / "m")])
+    assert info.value.code == 0
+    record = json.loads((tmp_path / "m" / "ablate.json").read_text())
+    assert record["method"] == "dus" and record["m"] == 1 and record["operator"] == "solar(1)"

@@ -1,15 +1,19 @@
 """Depth up-scaling in memory: exactness at m = n/2, SOLAR's stack, independence of copies,
-KV-cache consistency, per-layer config, HF save/load round trip, meta-device parameter counts."""
+KV-cache consistency, per-layer config, HF save/load round trip, meta-device parameter counts; and the
+same for every layer-plan operator (issue 16): zero-output blocks reproduce the base's logits exactly,
+``depth_upscale`` is ``apply_plan`` of ``solar(m)``, LLaMA Pro 8B's parameter count on the meta device."""
+
+import re
 
 import pytest
 import torch
 from conftest import FAMILIES, tiny_config, tiny_model
-from transformers import AutoModelForCausalLM, MistralConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
 
 from ablate.errors import UserError
 from ablate.params import count_params
-from ablate.plan import layer_plan
-from ablate.upscale import depth_upscale
+from ablate.plan import layer_plan, llama_pro, parse_plan, solar
+from ablate.upscale import apply_plan, depth_upscale
 
 N = 4
 
@@ -150,3 +154,116 @@ def test_model_without_decoder_layers_is_refused():
 
     with pytest.raises(UserError, match="model.model.layers"):
         depth_upscale(NotADecoder(), 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every plan is a variant (issue 16): the same surgery builds every family.
+
+MEASURED = {("angular", 1): [0.3, 0.1, 0.05, 0.2], ("gromov", 1): [0.3, 0.1, 0.05, 0.2],
+            ("influence", 1): [0.4, 0.2, 0.1, 0.3]}
+OPERATORS = ["solar(1)", "stack(2)", "llama_pro(2)", "llama_pro(4)", "mid(1, 2, 2)", "similar(1)",
+             "prune(1, by=last)", "prune(1, by=angular)", "prune(2, by=influence)"]
+
+
+def test_depth_upscale_is_apply_plan_of_solar():
+    base = tiny_model("qwen2", N)
+    for m in range(N):
+        a, b = depth_upscale(base, m), apply_plan(base, solar(m))
+        assert a.config.to_dict() == b.config.to_dict()
+        assert a.state_dict().keys() == b.state_dict().keys()
+        assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("spec", OPERATORS)
+def test_every_operator_builds_independent_copies_in_plan_order(family, spec):
+    base = tiny_model(family, N)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    variant = apply_plan(base, spec, measured=MEASURED)
+    plan = parse_plan(spec).plan(N, MEASURED)
+    assert len(variant.model.layers) == variant.config.num_hidden_layers == len(plan)
+    if getattr(base.config, "layer_types", None) is not None:
+        assert variant.config.layer_types == [base.config.layer_types[i] for i in plan.sources]
+    for j, (i, zero) in enumerate(zip(plan.sources, plan.zero, strict=True)):
+        got, want = variant.model.layers[j].state_dict(), base.model.layers[i].state_dict()
+        assert got.keys() == want.keys()
+        for key in got:
+            zeroed = zero and key.startswith(("self_attn.o_proj.", "mlp.down_proj."))
+            assert torch.equal(got[key], torch.zeros_like(want[key]) if zeroed else want[key]), (j, key)
+            assert got[key].data_ptr() != want[key].data_ptr()
+        assert variant.model.layers[j].self_attn.layer_idx == j
+    for key, value in base.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("p", [1, 2, 4])
+def test_zero_output_blocks_compute_exactly_the_base_at_init(family, p):
+    """LLaMA Pro's blocks add nothing to the residual stream until trained: the logits are the base's, bit for bit."""
+    base = tiny_model(family, N)
+    grown = apply_plan(base, llama_pro(p))
+    assert grown.config.num_hidden_layers == N + p
+    x = inputs(4, 24)  # past the sliding window (16) of the Mistral and Qwen2 configs
+    with torch.no_grad():
+        assert torch.equal(grown(x).logits, base(x).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("spec", OPERATORS)
+def test_kv_cache_generation_matches_uncached_for_every_operator(family, spec):
+    variant = apply_plan(tiny_model(family, N), spec, measured=MEASURED)
+    prompt = inputs(1, 10)
+    kwargs = dict(max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                  attention_mask=torch.ones_like(prompt), pad_token_id=0)
+    with torch.no_grad():
+        cached = variant.generate(prompt, use_cache=True, **kwargs)
+        fresh = variant.generate(prompt, use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, fresh.sequences)
+    for a, b in zip(cached.logits, fresh.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_grown_model_save_pretrained_round_trip(family, tmp_path):
+    grown = apply_plan(tiny_model(family, N), "llama_pro(2)")
+    with torch.no_grad():  # train the new blocks a little, so the round trip carries non-zero copies too
+        grown.model.layers[2].mlp.down_proj.weight.normal_()
+    grown.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.num_hidden_layers == N + 2
+    assert getattr(loaded.config, "layer_types", None) == getattr(grown.config, "layer_types", None)
+    x = inputs(3)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, grown(x).logits)
+
+
+def test_llama_pro_parameter_count_on_the_meta_device():
+    """LLaMA Pro 8B's shape: Llama-2-7B (32 layers) plus 8 blocks, 40 layers."""
+    with torch.device("meta"):
+        llama = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=32000, hidden_size=4096,
+                                                             intermediate_size=11008, num_hidden_layers=32))
+    assert count_params(llama)["total"] == 6_738_415_616
+    grown = apply_plan(llama, "llama_pro(8)")
+    assert grown.config.num_hidden_layers == 40
+    assert count_params(grown) == {"total": 8_357_482_496, "active": 8_357_482_496}
+    assert next(grown.parameters()).device.type == "meta"
+    assert count_params(apply_plan(llama, "prune(8, by=last)"))["total"] == 6_738_415_616 - 8 * 202_383_360
+
+
+def test_tied_embeddings_stay_tied_for_a_grown_model():
+    base = tiny_model("llama", N, tie_word_embeddings=True)
+    grown = apply_plan(base, "stack(2)")
+    assert grown.lm_head.weight is grown.model.embed_tokens.weight
+    assert grown.lm_head.weight is not base.lm_head.weight
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("llama_pro(3)", "p must divide n=4; choose p in [1, 2, 4]"),
+    ("mid(3, 2, 2)", "the block 3..4 lies outside a model of n=4 layers"),
+    ("prune(4, by=last)", "must leave one; choose 0 <= k < 4"),
+    ("prune(1, by=angular)", "got no gromov measurement"),
+    ("lama_pro(2)", "did you mean llama_pro?"),
+])
+def test_bad_plans_are_user_errors(spec, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        apply_plan(tiny_model("llama", N), spec)
