@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ablate.data import DataSource, parse_source
 from ablate.errors import UserError, one_line
 from ablate.objective import ObjectiveConfig
+from ablate.plan import PlanError, parse_plan
 from ablate.train import TrainConfig
 
 __all__ = ["StudyConfig", "BaseConfig", "load_study_config", "parse_config", "DEFAULT_CONFIG", "rung_points",
@@ -32,6 +33,7 @@ MAX_REPEATS = 1_000
 MAX_BASES = 100
 MAX_M_VALUES = 1_024
 MAX_EXPERTS = 1_024
+MAX_OPERATORS = 1_024
 MAX_CONFIG_BYTES = 1 << 20
 MAX_YAML_ALIASES = 1_000
 MAX_YAML_NODES = 100_000
@@ -97,6 +99,36 @@ class MethodsConfig(Strict):
     nocpt: bool = Field(True, description="The reference row of every study: each base as it is, with no CPT at "
                         "all, evaluated once per base (whatever repeats and lr grid); it shows what CPT itself "
                         "does to the base, apart from any change of architecture.")
+    operators: list[str] = Field(default_factory=list, max_length=MAX_OPERATORS, description="Growth and pruning "
+                                 "operators beyond SOLAR's DUS, each an arm of every base with the same CPT, written "
+                                 "as ablate.plan spells them: 'llama_pro(2)', 'stack(2)', 'mid(1, 2, 2)', "
+                                 "'similar(1)', 'prune(1, by=angular)' (similar and prune by angular/influence measure "
+                                 "the base on the study's held-out rows). The operator is the arm's method in every "
+                                 "table. DUS itself is methods.dus over bases[].m.")
+
+    @field_validator("operators", mode="before")
+    @classmethod
+    def _split_by_yaml(cls, value):
+        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{value} is not a list of operators: YAML splits an unquoted [...] list at every comma, "
+                             "so quote each operator: [\"mid(10, 6, 2)\", \"prune(4, by=angular)\"]")
+        return value
+
+    @field_validator("operators")
+    @classmethod
+    def _operators(cls, value):
+        out = []
+        for text in value:
+            try:
+                op = parse_plan(text)
+            except PlanError as exc:
+                raise ValueError(str(exc)) from None
+            if op.family == "solar":
+                raise ValueError(f"{op} is DUS: set methods.dus: true and list m={op.args[0]} in bases[].m")
+            if str(op) in out:
+                raise ValueError(f"{op} is listed twice")
+            out.append(str(op))  # the canonical spelling: the method name in records and tables
+        return out
 
 
 class DataConfig(Strict):
@@ -214,12 +246,12 @@ class StudyConfig(Strict):
 
     @model_validator(mode="after")
     def _arms(self):
-        if not self.methods.dus and self.methods.moe is None:
-            raise ValueError("methods: both dus and moe are off; enable at least one")
+        if not self.methods.dus and self.methods.moe is None and not self.methods.operators:
+            raise ValueError("methods: both dus and moe are off and no operators are listed; enable at least one")
         labels = [b.name for b in self.bases]
         if len(set(labels)) != len(labels):
             raise ValueError(f"bases: labels {labels} repeat; give each base a distinct label")
-        idle = [b.name for b in self.bases if not self.methods.dus and not b.moe]
+        idle = [b.name for b in self.bases if not self.methods.dus and not b.moe and not self.methods.operators]
         if idle:
             raise ValueError(f"bases: {idle[0]!r} has no arm to run (methods.dus is off and its moe is false); set "
                              "its moe: true, or methods.dus: true")

@@ -192,6 +192,12 @@ class Operator:
             return (("gromov", k),) if self.by == "angular" else (("influence", 1),)
         return ()
 
+    def check(self, n: int) -> None:
+        """Raise :class:`PlanError` where the parameters do not fit a base of ``n`` layers (a study checks
+        every operator against every base before it runs), without measurements."""
+        if not self.needs(n):  # needs() checks the ranges of the measured families
+            self.plan(n)
+
     def plan(self, n: int, measured: Measured | None = None) -> Plan:
         """The plan for a base of ``n`` layers; ``measured`` holds what :meth:`needs` asks for."""
         if not _is_int(n) or n < 1:

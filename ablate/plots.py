@@ -43,6 +43,23 @@ def _arm_style() -> dict:
             "moe": dict(color=p[1], marker="^", ls=":")}
 
 
+BUILT_IN = ("dus", "moe", "nocpt")  # every other method is a layer-plan operator, named by its spelling
+OPERATOR_MARKERS = ("D", "v", "P", "X", "<", ">", "h", "p")
+
+
+def _operator_styles(methods) -> dict[str, dict]:
+    """Per layer-plan operator (a method spelt like ``llama_pro(2)``): a colour of its own (from the palette
+    colours DUS, the control and MoE leave free) and a marker per family, so one family's operators share a
+    marker and a line in the score-vs-layers figure."""
+    p = palette()
+    colours = [p[i] for i in (2, 3, 4, 5, 6, 8, 9)]
+    ops = sorted({m for m in methods if isinstance(m, str) and m not in BUILT_IN})
+    families = sorted({op.split("(")[0] for op in ops})
+    return {op: dict(color=colours[i % len(colours)], ls="-.",
+                     marker=OPERATOR_MARKERS[families.index(op.split("(")[0]) % len(OPERATOR_MARKERS)])
+            for i, op in enumerate(ops)}
+
+
 def _m_colours(ms):
     """Norm and colour map of DUS m (viridis: sequential, colour-blind safe, monotone in greyscale; its pale
     yellow end cut off, unreadable on white)."""
@@ -253,12 +270,25 @@ def score_vs_m(df, *, column: str = "objective", label: str = "objective", direc
             moe = mine[mine["method"] == "moe"]
             if len(moe):
                 _reference(ax, moe.iloc[0], "MoE upcycle, same CPT", arms["moe"])
+            at_depth = []  # operators at their depth s (x = n - s/2 on the m axis): a line per family
+            styles = _operator_styles(mine["method"])
+            ops = mine[mine["method"].isin(list(styles))]
+            ops = ops.assign(_x=n - ops["s"].astype(float) / 2)
+            for family, g in ops.groupby(ops["method"].str.split("(").str[0], sort=True):
+                g = g.sort_values("_x")
+                kw = styles[g["method"].iloc[0]]
+                ax.errorbar(g["_x"], g["mean"], yerr=g["half"].fillna(0), color=kw["color"], marker=kw["marker"],
+                            ms=4, ls=kw["ls"], capsize=2, lw=1, zorder=3, label=f"{family}, same CPT (at its depth s)")
+                for _, row in g.iterrows():
+                    ax.annotate(row["method"].removeprefix(family), (row["_x"], row["mean"]), xytext=(2, -8),
+                                textcoords="offset points", fontsize=FONT_PT - 3, color=kw["color"])
+                at_depth += g["_x"].tolist()
             if n % 4 == 0 and dus["m"].min() <= n / 4 <= dus["m"].max():
                 ax.axvline(n / 4, color="0.6", ls=":", lw=0.8, zorder=0, label="SOLAR's choice, m = n/4")
             best = _best(dus, direction)
             ax.plot([best["m"]], [best["mean"]], marker="*", ms=9, color=arms["dus"]["color"], mec="black",
                     mew=0.5, ls="none", zorder=4, label="best m")
-            _m_ticks(ax, n, dus["m"].tolist() + ([n / 2] if len(control) else []))
+            _m_ticks(ax, n, dus["m"].tolist() + ([n / 2] if len(control) else []) + at_depth)
             ax.set_ylabel(wrap(label))
         _legend(fig)
         finish(fig)
@@ -317,7 +347,9 @@ def score_vs_params(df, *, column: str = "objective", label: str = "objective", 
                 n = _depth(df, base)
                 control = mine["m"] == (n / 2 if n else -1)
                 kinds = (("DUS", (mine["method"] == "dus") & ~control, "o", 3),
-                         ("unchanged base", control, "s", 4), ("MoE upcycle", mine["method"] == "moe", "^", 5))
+                         ("unchanged base", control, "s", 4), ("MoE upcycle", mine["method"] == "moe", "^", 5)) + \
+                    tuple((op, mine["method"] == op, kw["marker"], 4)
+                          for op, kw in _operator_styles(mine["method"]).items())
                 for kind, mask, marker, ms in kinds:
                     sel = mine[mask]
                     if sel.empty:
@@ -490,7 +522,7 @@ def score_vs_budget(points, *, column: str = "objective", label: str = "objectiv
 
     means = stats.arm_means(points, column)
     nocpt = _no_cpt(points, column)
-    bases = _bases(points[points["method"].isin(stats.ARMS)], bases)
+    bases = _bases(points[stats.is_arm(points["method"])], bases)
     if means.empty or not bases:
         return message_figure(label, "not enough trials: no budget point of any arm has a score yet")
     arms = _arm_style()
@@ -512,6 +544,8 @@ def score_vs_budget(points, *, column: str = "objective", label: str = "objectiv
                            dict(color=arms["control"]["color"], marker="s", ls="--", lw=1.6, ms=4, zorder=5)))
             series.append(("MoE upcycle, same CPT", mine[mine["method"] == "moe"],
                            dict(color=arms["moe"]["color"], marker="^", ls=":", lw=1.2, ms=4)))
+            series += [(f"{op}, same CPT", mine[mine["method"] == op], dict(lw=1.2, ms=4, **kw))
+                       for op, kw in _operator_styles(mine["method"]).items()]
             series = [s for s in series if len(s[1])]
             for i, (name, g, kw) in enumerate(series):
                 g = g.sort_values("budget")
@@ -536,7 +570,7 @@ def gap_vs_budget(points, *, column: str = "objective", label: str = "objective"
     from ablate import stats
 
     gaps = stats.paired_gaps(points, column, direction)
-    bases = _bases(points[points["method"].isin(stats.ARMS)], bases)
+    bases = _bases(points[stats.is_arm(points["method"])], bases)
     if gaps.empty or not bases:
         return message_figure("gap to the control", "not enough trials: no arm has a pair with its control "
                               "(m = n/2, same repeat) at any budget point yet")
@@ -558,6 +592,8 @@ def gap_vs_budget(points, *, column: str = "objective", label: str = "objective"
             if len(moe):
                 series.append((moe, dict(color=arms["moe"]["color"], marker="^", ls=":", lw=1.2,
                                          label="MoE upcycle − control")))
+            series += [(mine[mine["method"] == op], dict(lw=1.2, label=f"{op} − control", **kw))
+                       for op, kw in _operator_styles(mine["method"]).items()]
             for i, (g, kw) in enumerate(series):
                 g = g.sort_values("budget")
                 x = g["budget"] * _dodge(i, len(series))

@@ -27,6 +27,7 @@ from ablate.errors import UserError
 from ablate.fsutil import check_writable
 from ablate.objective import direction
 from ablate.params import count_params, training_flops_per_token
+from ablate.plan import PlanError, parse_plan
 from ablate.search import SearchSpace
 from ablate.storage import canonical_url, check_storage_url, default_storage_url, open_storage, redact, storage_kind
 from ablate.train import plan_budget, plan_points
@@ -183,3 +184,8 @@ def _check_m(config: StudyConfig, depths: dict[str, int]) -> None:
         bad = [m for m in (b.m or []) if not 0 <= m < n]
         if bad:
             raise UserError(f"bases[{b.name}].m: {bad} out of range for n={n}; choose 0 <= m < {n}")
+        for text in config.methods.operators:  # an operator is an arm of every base: it must fit each
+            try:
+                parse_plan(text).check(n)
+            except PlanError as exc:
+                raise UserError(f"methods.operators: base {b.name!r}: {exc}") from None

@@ -36,8 +36,9 @@ NOCPT = "nocpt"  # the method of the reference configuration: the base as it is,
 
 @dataclass(frozen=True)
 class Arm:
-    """One configuration: a base, a method ("dus", "moe", or "nocpt": the base with no CPT at all), m
-    (DUS only), a repeat index, and the learning rate (None where the study has one lr, and for "nocpt")."""
+    """One configuration: a base, a method ("dus", "moe", a layer-plan operator spelt as ``ablate.plan`` spells
+    it such as "llama_pro(2)", or "nocpt": the base with no CPT at all), m (DUS only), a repeat index, and the
+    learning rate (None where the study has one lr, and for "nocpt")."""
 
     base: str
     method: str
@@ -77,7 +78,7 @@ class SearchSpace:
         self.config = config
         self.depths = depths  # base label -> n (its number of layers)
         self.methods = (["dus"] if config.methods.dus else []) + (["moe"] if config.methods.moe else []) + \
-            ([NOCPT] if config.methods.nocpt else [])
+            list(config.methods.operators) + ([NOCPT] if config.methods.nocpt else [])  # an operator is its spelling
         self.m_values = {b.name: sorted(b.m) if b.m is not None else list(range(depths[b.name] // 2 + 1))
                          for b in config.bases}
         self.lrs = config.train.lr_grid  # a parameter "lr" only where there are several
@@ -97,7 +98,7 @@ class SearchSpace:
     def count(self) -> int:
         """The number of configurations, counted without listing them (:meth:`arms`)."""
         per_repeat = sum(len(self.m_values[b.name]) * ("dus" in self.methods) + ("moe" in self.methods_of(b.name))
-                         for b in self.config.bases)
+                         + len(self.config.methods.operators) for b in self.config.bases)
         return per_repeat * self.config.repeats * len(self.lrs_of("dus")) + \
             len(self.config.bases) * (NOCPT in self.methods)
 

@@ -32,10 +32,10 @@ import numpy as np
 
 __all__ = ["CONFIDENCE", "ARMS", "points", "scored", "best_lr", "trials_at_best_lr", "paired", "verdict",
            "paired_gaps", "item_gaps", "best_m_by_budget", "arm_means", "rank_correlation", "arm_label",
-           "metric_direction"]
+           "metric_direction", "is_arm"]
 
 CONFIDENCE = 0.95
-ARMS = ("dus", "moe")  # the methods compared with the control; "nocpt" is a reference, not an arm
+ARMS = ("dus", "moe")  # the built-in arms; every layer-plan operator ("llama_pro(2)") is an arm too (is_arm)
 SCORED = ("complete", "pruned")  # a pruned trial's points before it stopped were evaluated in full
 ONE_PAIR = "one pair: no interval"
 NO_PAIRS = "no pairs"
@@ -54,11 +54,17 @@ def points(frame):
 
 
 def scored(frame, column: str = "objective"):
-    """Rows of :func:`points` (``frame``) that score an arm (DUS or MoE) at a budget point: finished
+    """Rows of :func:`points` (``frame``) that score an arm (DUS, MoE or an operator) at a budget point: finished
     trials (complete, or pruned after the point) with a base and a value in ``column``."""
     f = points(frame)
-    keep = f["state"].isin(SCORED) & f["base"].notna() & f["method"].isin(ARMS) & f[column].notna()
+    keep = f["state"].isin(SCORED) & f["base"].notna() & is_arm(f["method"]) & f[column].notna()
     return f[keep].reset_index(drop=True)
+
+
+def is_arm(methods):
+    """Which rows' methods are arms compared with the control: DUS, MoE and every layer-plan operator (its
+    spelling, e.g. ``llama_pro(2)``); the no-CPT reference ("nocpt") is not an arm."""
+    return methods.notna() & methods.ne("nocpt")
 
 
 def _mkey(f):
@@ -66,7 +72,7 @@ def _mkey(f):
 
 
 def arm_label(method: str, m) -> str:
-    """``DUS m=1`` or ``MoE``."""
+    """``DUS m=1``, ``MoE``, or an operator's spelling (``llama_pro(2)``)."""
     if method == "dus":
         return f"DUS m={int(m)}"
     return {"moe": "MoE", "nocpt": "no CPT"}.get(method, str(method))
@@ -94,7 +100,7 @@ def best_lr(frame):
     import pandas as pd
 
     f = points(frame)
-    ok = f["state"].isin(SCORED) & f["base"].notna() & f["method"].isin(ARMS) & f["lr"].notna() & \
+    ok = f["state"].isin(SCORED) & f["base"].notna() & is_arm(f["method"]) & f["lr"].notna() & \
         f["val_loss"].notna()
     cand = f[ok].assign(_m=lambda x: _mkey(x))
     rows, chosen = [], {}

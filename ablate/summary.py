@@ -23,6 +23,8 @@ from ablate.search import retried
 
 __all__ = ["summarize", "print_summary", "describe_arm"]
 
+BUILT_IN = ("dus", "moe", "nocpt")  # every other method is a layer-plan operator, named by its spelling
+
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
     mean = statistics.fmean(values)
@@ -82,9 +84,14 @@ def _budget_stats(points: list[dict], base: str, direction: str) -> dict | None:
     best = stats.best_m_by_budget(chosen, "objective", direction)
     rank = stats.rank_correlation(chosen, "objective")
     lr_of = {int(m): _plain(stats._lr_of(g)) for m, g in top[top["method"] == "dus"].groupby("m")}
+    operators: dict[str, list[float]] = {}
+    for method, value in zip(top["method"], top["objective"], strict=True):
+        if method not in BUILT_IN:
+            operators.setdefault(method, []).append(float(value))
     repeats = done.groupby(["budget", "method", done["m"].fillna(-1)])["repeat"].nunique()
     out.update(budget=_plain(budgets[-1], True), budgets=[_plain(b, True) for b in budgets], by_m=by_m,
                lr_by_m=lr_of, moe=[float(v) for v in top.loc[top["method"] == "moe", "objective"]],
+               operators=operators,
                moe_lr=_plain(stats._lr_of(top[top["method"] == "moe"])),
                gaps=_records(gaps, ["budget", "arm", "method", "m", "lr", "control_lr", "pairs", "arm_mean",
                                     "control_mean", "arm_minus_control", "lo", "hi", "verdict"]),
@@ -126,9 +133,14 @@ def summarize(rows: list[dict], direction: str, points: list[dict] | None = None
                 by_m.setdefault(int(r["m"]), []).append(float(r["objective"]))
         n = next((r["n"] for r in mine if r["n"] is not None), None)
         moe = [float(r["objective"]) for r in done if r["method"] == "moe"]
+        operators: dict[str, list[float]] = {}  # layer-plan operators: each its own arm, named by its spelling
+        for r in done:
+            if r["method"] not in BUILT_IN:
+                operators.setdefault(r["method"], []).append(float(r["objective"]))
+        depth = {r["method"]: r.get("s") for r in mine if r.get("s") is not None}
         extra = _budget_stats(points, base, direction) if points else None
         if extra is not None and extra["budgets"]:
-            by_m, moe = extra.pop("by_m"), extra.pop("moe")
+            by_m, moe, operators = extra.pop("by_m"), extra.pop("moe"), extra.pop("operators")
         table = {m: _mean_sd(v) + (len(v),) for m, v in sorted(by_m.items())}
         best = better(table, key=lambda m: table[m][0]) if table else None
         out[base] = {
@@ -139,6 +151,9 @@ def summarize(rows: list[dict], direction: str, points: list[dict] | None = None
             "pruned": sum(r["state"] == "pruned" for r in mine),
             "failed": sum(r["state"] == "fail" for r in mine),
         }
+        if operators:  # (mean, sd, trials, layers) per operator
+            out[base]["operators"] = {op: _mean_sd(v) + (len(v), depth.get(op))
+                                      for op, v in sorted(operators.items())}
         if extra is not None:
             out[base].update(extra)
     return out
@@ -282,6 +297,10 @@ def print_summary(study, space, study_dir: Path) -> dict:
         console.print(f"  best m = {s['best_m']} ({_fmt(s['best'])}); control {_fmt(s['control'])}; "
                       f"MoE upcycle {_fmt(s['moe'])}{nocpt}; trials: {s['complete']} complete, {s['pruned']} "
                       f"pruned, {s['failed']} failed")
+        if s.get("operators"):
+            console.print("  operators: " + "; ".join(
+                f"{op} {_fmt(mean)} (s={layers}, {count} trial{'s' * (count > 1)})"
+                for op, (mean, _, count, layers) in s["operators"].items()))
         for line in _budget_lines(console, {**s, "base": base}, direction, unit):
             console.print(f"  {line}")
     for line in _failure_notes(study, space):

@@ -43,14 +43,18 @@ from ablate.fsutil import atomic_dir, atomic_write_json, atomic_write_text
 from ablate.moe import upcycle
 from ablate.objective import objective_value
 from ablate.params import count_params, training_flops_per_token
+from ablate.plan import parse_plan
+from ablate.redundancy import measure
 from ablate.search import NOCPT, SearchSpace, train_config_for
 from ablate.storage import Worker
 from ablate.synthetic import answer_metrics, task_names
 from ablate.train import continue_pretraining
-from ablate.upscale import depth_upscale
+from ablate.upscale import apply_plan, depth_upscale
 from ablate.zoobuild import build_many
 
 __all__ = ["TrialFailed", "Workspace", "Objective", "run_trial", "repeat_train_config", "environment"]
+
+MEASURE_ROWS = 32  # held-out rows an operator that chooses layers by redundancy measures its base on (as the figure)
 
 
 class TrialFailed(Exception):
@@ -67,6 +71,7 @@ class Workspace:
         self.progress = progress
         self._bases: dict[str, tuple] = {}
         self._data: dict[str, object] = {}
+        self._plans: dict[tuple[str, str], object] = {}
 
     def build_zoo(self) -> None:
         """Build the study's missing zoo bases now, side by side (one process each on a CPU),
@@ -99,6 +104,23 @@ class Workspace:
                                           val_tokens=d.val_tokens, seed=d.seed, progress=self.progress)
         return self._data[key]
 
+    def plan(self, arm):
+        """The layer plan (:class:`ablate.plan.Plan`) of an operator arm on its base, cached per (base, operator).
+
+        An operator that chooses layers by redundancy (``similar``, ``prune`` by angular or influence)
+        measures the base as it is, before any CPT, on the first ``MEASURE_ROWS`` held-out rows: the
+        same layers for every repeat and lr of the arm.
+        """
+        key = (arm.base, arm.method)
+        if key not in self._plans:
+            model, tokenizer = self.base(arm.base)
+            op, n = parse_plan(arm.method), model.config.num_hidden_layers
+            needs = op.needs(n)
+            measured = measure(model, self.data(tokenizer).val[:MEASURE_ROWS], needs,
+                               batch_size=self.config.train.micro_batch_size) if needs else None
+            self._plans[key] = op.plan(n, measured)
+        return self._plans[key]
+
     def task_groups(self) -> dict[int | None, list[str]]:
         """Task names by few-shot count: the study's lm-eval tasks plus the synthetic ones."""
         groups = self.config.eval.task_groups()
@@ -111,6 +133,8 @@ def build_variant(ws: Workspace, arm, base):
     """The variant of ``arm`` from ``base``, a new model on the base's device."""
     if arm.method == "dus":
         return depth_upscale(base, arm.m)
+    if arm.method != "moe":  # a layer-plan operator, spelt as its method
+        return apply_plan(base, ws.plan(arm))
     moe = ws.config.methods.moe
     return upcycle(base, moe.experts, moe.top_k, router_std=moe.router_std, expert_noise=moe.expert_noise,
                    seed=ws.config.train.seed + arm.repeat)
@@ -209,6 +233,9 @@ def run_trial(ws: Workspace, arm, out_dir: Path, on_eval: Callable[[int, int, fl
                   "precision_choice": result.precision_choice},
         "budgets": points,
     }
+    if arm.method not in ("dus", "moe"):  # which base layer each layer copies, and the zero-output ones
+        plan = ws.plan(arm)
+        record.update(plan=list(plan.sources), zero_output=plan.zero_layers)
     if result.status == "diverged":
         raise TrialFailed(result.reason)
     last = points[-1] if points else None

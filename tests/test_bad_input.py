@@ -255,6 +255,21 @@ CASES += [  # issue 16: layer plans on the export command (the base has 4 layers
          "an export only copies tensors"),
     Case("upscale-plan-and-m", "upscale", lambda i: [str(i.kit.base), "--plan", "stack(2)", "--m", "1", "--out", i.out],
          "not both"),
+    # the same plans as arms of a study (methods.operators)
+    Case("study-operator-misspelt", "study", study("--set", "methods.operators=[lama_pro(2)]"),
+         "methods.operators: unknown plan family 'lama_pro' in 'lama_pro(2)'; did you mean llama_pro?"),
+    Case("study-operator-p-not-dividing-n", "study", study("--set", "methods.operators=[llama_pro(3)]"),
+         "methods.operators: base 'tiny': llama_pro(3) inserts a block after every n/p base blocks, so p must divide "
+         "n=4; choose p in [1, 2, 4]"),
+    Case("study-operator-prune-k-at-least-n", "study",
+         lambda i: ["--config", i.config("prune", methods={"dus": True, "operators": ["prune(4, by=angular)"]})],
+         "methods.operators: base 'tiny': prune(4, by=angular) removes 4 of n=4 layers and must leave one"),
+    Case("study-operator-window-outside", "study", study("--set", 'methods.operators=["mid(3, 2, 2)"]'),
+         "the block 3..4 lies outside a model of n=4 layers"),
+    Case("study-operators-split-by-yaml", "study", study("--set", "methods.operators=[mid(3, 2, 2)]"),
+         "YAML splits an unquoted [...] list at every comma, so quote each operator"),
+    Case("study-operator-that-is-dus", "study", study("--set", "methods.operators=[solar(1)]"),
+         "solar(1) is DUS: set methods.dus: true and list m=1 in bases[].m"),
 ]
 YAML_BOMB = ("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefghi", "bcdefghij", strict=False))).encode()
