@@ -17,7 +17,7 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -45,6 +45,7 @@ __all__ = [
     "plan_budget",
     "resolve_precision",
     "row_order",
+    "train_only_layers",
 ]
 
 Finite = dict(allow_inf_nan=False)  # NaN / inf are rejected with the field's name in the message
@@ -116,6 +117,12 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="Compute precision: "
                                                        "'bf16' autocast, 'fp32', or 'auto' = bf16 "
                                                        "where the device runs it natively, else fp32.")
+    trainable: Literal["all", "new"] = Field("all", description="all: every parameter trains. new: only the "
+                                             "decoder layers the arm's operator added (LLaMA Pro's recipe: the "
+                                             "embeddings, head, norms and the base's own blocks stay frozen, "
+                                             "bit for bit); an arm that adds no layer (the control m = n/2, "
+                                             "prune, MoE) trains every parameter, and each trial records which "
+                                             "and how many parameters trained.")
     compile: bool = Field(False, description="torch.compile the model before training (faster "
                           "steps after a one-off compile of tens of seconds; off by default so "
                           "short runs and tests do not pay it).")
@@ -241,6 +248,7 @@ class TrainResult:
     points: list[dict] = field(default_factory=list)  # one per budget point reached (see continue_pretraining)
     branch_tokens: int = 0  # tokens trained in cooldown branches, on top of ``tokens``
     precision_choice: dict = field(default_factory=dict)  # why ``precision`` (ablate.precision.Choice)
+    trainable_params: int | None = None  # parameters the optimizer updated (fewer than all with trainable: new)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -364,6 +372,23 @@ def resolve_precision(precision: str, device: torch.device, model=None, *, micro
     return precisions.choose(precision, device, model, micro_batch=micro_batch, seq_len=seq_len).precision
 
 
+def train_only_layers(model: torch.nn.Module, layers: Sequence[int]) -> list[torch.nn.Parameter]:
+    """Freeze every parameter of ``model`` but those of decoder layers ``layers`` (``model.model.layers``),
+    as LLaMA Pro trains only its inserted blocks; return the parameters it froze (to thaw them after).
+
+    A frozen parameter gets no gradient, so AdamW never sees it: no update, no weight decay, no moments.
+    """
+    decoder = getattr(getattr(model, "model", None), "layers", None)
+    if decoder is None or not layers or not all(0 <= j < len(decoder) for j in layers):
+        raise UserError(f"trainable: new trains decoder layers {list(layers)}, which this model does not have; "
+                        "set train.trainable: all")
+    keep = {id(p) for j in layers for p in decoder[j].parameters()}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in keep]
+    for p in frozen:
+        p.requires_grad_(False)
+    return frozen
+
+
 def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -428,7 +453,7 @@ def continue_pretraining(model: torch.nn.Module, data: PackedData, config: Train
                          on_eval: Callable[[int, int, float], bool | None] | None = None,
                          on_point: Callable[[BudgetPoint, dict], bool | None] | None = None,
                          out_dir: str | Path | None = None, progress: bool = True,
-                         cpu: bool = False) -> TrainResult:
+                         cpu: bool = False, new_layers: Sequence[int] | None = None) -> TrainResult:
     """Train ``model`` in place on ``data.train`` rows in order for the token budget of ``config``.
 
     It trains on CUDA when present (the device accelerate picks for this process), else on the
@@ -448,6 +473,10 @@ def continue_pretraining(model: torch.nn.Module, data: PackedData, config: Train
     a CPU, the run with ``tokens: b, budgets: [b]``. The last point is the main run's own cooldown.
     ``on_point`` runs on every process (an evaluation may be collective); returning True stops the
     run ("stopped"). Under schedule cosine it is called once, at the end, for the one point.
+
+    With ``trainable: new`` only the decoder layers ``new_layers`` (the plan's
+    :attr:`~ablate.plan.Plan.new_layers`) train; every other parameter is frozen during the run and
+    trainable again after it.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -484,6 +513,11 @@ def continue_pretraining(model: torch.nn.Module, data: PackedData, config: Train
 
     model.to(device)
     model.train()
+    if config.trainable == "new" and not new_layers:
+        raise UserError("trainable: new trains only the layers an operator added and none were given; pass "
+                        "new_layers (ablate.plan.Plan.new_layers) or set train.trainable: all")
+    frozen = train_only_layers(model, new_layers) if config.trainable == "new" else []
+    trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = _optimizer(model, config)
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
     forward = torch.compile(ddp_model) if config.compile else ddp_model
@@ -630,6 +664,8 @@ def continue_pretraining(model: torch.nn.Module, data: PackedData, config: Train
         accelerator.unwrap_model(ddp_model, keep_fp32_wrapper=False)
         optimizer.zero_grad(set_to_none=True)
         model.eval()
+        for p in frozen:
+            p.requires_grad_(True)
     if status == "completed":
         reason = f"trained {budget.tokens} tokens in {budget.steps} steps"
         if forks:
@@ -646,7 +682,7 @@ def continue_pretraining(model: torch.nn.Module, data: PackedData, config: Train
         tokens_per_s=clock["steps"] * config.tokens_per_step / clock["train_s"] if clock["train_s"] else 0.0,
         precision=precision, device=str(device), num_processes=world, val_losses=val_losses,
         schedule=config.schedule, points=done_points, branch_tokens=branch_tokens,
-        precision_choice=choice.to_dict())
+        precision_choice=choice.to_dict(), trainable_params=trainable_params)
     if out is not None:
         (out / "train_result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return result

@@ -43,7 +43,7 @@ from ablate.fsutil import atomic_dir, atomic_write_json, atomic_write_text
 from ablate.moe import upcycle
 from ablate.objective import objective_value
 from ablate.params import count_params, training_flops_per_token
-from ablate.plan import parse_plan
+from ablate.plan import parse_plan, solar
 from ablate.redundancy import measure
 from ablate.search import NOCPT, SearchSpace, train_config_for
 from ablate.storage import Worker
@@ -140,6 +140,16 @@ def build_variant(ws: Workspace, arm, base):
                    seed=ws.config.train.seed + arm.repeat)
 
 
+def new_layers_of(ws: Workspace, arm, n: int) -> list[int]:
+    """The layers ``arm``'s variant added to its base (what ``train.trainable: new`` trains): DUS's second
+    copies, an operator's inserted or repeated layers; none for MoE (its experts replace the MLPs)."""
+    if arm.method == "dus":
+        return solar(arm.m).plan(n).new_layers
+    if arm.method == "moe":
+        return []
+    return ws.plan(arm).new_layers
+
+
 def repeat_train_config(train, repeat: int):
     """The CPT settings of repeat ``repeat`` of a configuration: another seed and another data order.
 
@@ -188,6 +198,9 @@ def run_trial(ws: Workspace, arm, out_dir: Path, on_eval: Callable[[int, int, fl
     train_cfg = repeat_train_config(train_config_for(ws.config.train, arm), arm.repeat)
     seq_len = ws.config.data.seq_len
     variant = build_variant(ws, arm, base)
+    new_layers = new_layers_of(ws, arm, n)
+    if train_cfg.trainable == "new" and not new_layers:  # nothing was added (control, prune, MoE): all train
+        train_cfg = train_cfg.model_copy(update={"trainable": "all"})
     params = count_params(variant)
     s = variant.config.num_hidden_layers
     flops_per_token = training_flops_per_token(variant.config, params["active"], seq_len)
@@ -216,12 +229,14 @@ def run_trial(ws: Workspace, arm, out_dir: Path, on_eval: Callable[[int, int, fl
         return bool(on_point(step, objective)) if on_point is not None else False
 
     result = continue_pretraining(variant, data, train_cfg, on_eval=on_eval, on_point=evaluate_point,
-                                  out_dir=out_dir, progress=ws.progress, cpu=str(ws.device) == "cpu")
+                                  out_dir=out_dir, progress=ws.progress, cpu=str(ws.device) == "cpu",
+                                  new_layers=new_layers)
     t2 = time.perf_counter()
     record = {
         **arm.to_dict(), "n": n, "s": s, "seed": train_cfg.seed, "data_order_seed": train_cfg.data_order_seed,
         "peak_lr": train_cfg.lr, "budget_unit": ws.config.train.budget_unit, "params_total": params["total"],
-        "params_active": params["active"],
+        "params_active": params["active"], "trainable": train_cfg.trainable,
+        "params_trainable": result.trainable_params,
         "tokens": result.tokens, "branch_tokens": result.branch_tokens,
         # training FLOPs: 6 x active parameters per token (forward and backward matmuls) plus attention
         # (6 x layers x seq_len x hidden, Kaplan et al. 2020); branches' cooldowns excluded (see branch_tokens)
