@@ -22,7 +22,8 @@ __all__ = ["COLUMNS", "BUDGET_COLUMNS", "STATES", "read_records", "trial_rows", 
 
 # Fixed leading columns; task metrics ("synth_k1/acc", ...) follow in sorted order.
 COLUMNS = ["study", "trial", "state", "base", "method", "n", "m", "s", "repeat", "lr", "seed", "data_order_seed",
-           "peak_lr", "params_total", "params_active", "tokens", "branch_tokens", "flops", "val_loss", "val_ppl",
+           "peak_lr", "trainable", "params_total", "params_active", "params_trainable", "tokens", "branch_tokens",
+           "flops", "val_loss", "val_ppl",
            "objective", "wall_s", "train_s", "eval_s", "device", "fail_reason"]
 # budgets.csv: one row per trial and budget point (``budget``: the point in the study's unit, tokens or
 # FLOPs, the same for every arm; ``budget_tokens``: it in this arm's tokens; ``tokens`` and ``flops``: what
@@ -30,7 +31,8 @@ COLUMNS = ["study", "trial", "state", "base", "method", "n", "m", "s", "repeat",
 BUDGET_COLUMNS = ["study", "trial", "state", "base", "method", "n", "m", "s", "repeat", "lr", "seed",
                   "data_order_seed", "peak_lr", "params_total", "params_active", "flops_per_token", "budget",
                   "budget_tokens", "tokens", "flops", "branch", "val_loss", "val_ppl", "cpt_val_loss", "objective"]
-_INTS = ("trial", "n", "m", "s", "repeat", "seed", "data_order_seed", "params_total", "params_active", "tokens",
+_INTS = ("trial", "n", "m", "s", "repeat", "seed", "data_order_seed", "params_total", "params_active",
+         "params_trainable", "tokens",
          "branch_tokens", "budget_tokens", "flops_per_token")
 # result.json's status -> the table's state (Optuna's COMPLETE, PRUNED, FAIL)
 STATES = {"completed": "complete", "stopped": "pruned", "failed": "fail"}
