@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "study": ("ablate.study", "run or continue a study"),
     "figures": ("ablate.figures", "write a study's figures (PDF+PNG) and tables"),
     "check": ("ablate.check", "check that a study's records agree"),
-    "upscale": ("ablate.upscale", "write a grown or pruned checkpoint from a layer plan, and its mergekit YAML"),
+    "upscale": ("ablate.upscale", "grow or prune a checkpoint by a layer plan, plus mergekit YAML"),
     "moe": ("ablate.moe", "write a Mixtral-style MoE upcycle and its mergekit-moe YAML"),
     "zoo": ("ablate.zoobuild", "list or build the built-in base models"),
 }
