@@ -16,6 +16,7 @@ import textwrap
 
 import numpy as np
 
+from ablate import stats
 from ablate.redundancy import dus_layers
 
 __all__ = ["arm_stats", "best_m", "human_count", "task_metrics", "score_vs_m", "score_vs_params", "loss_curves",
@@ -518,8 +519,6 @@ def score_vs_budget(points, *, column: str = "objective", label: str = "objectiv
 
     ``points`` is the budget table (:func:`ablate.results.load_budgets`). DUS arms are coloured by m.
     """
-    from ablate import stats
-
     means = stats.arm_means(points, column)
     nocpt = _no_cpt(points, column)
     bases = _bases(points[stats.is_arm(points["method"])], bases)
@@ -567,8 +566,6 @@ def gap_vs_budget(points, *, column: str = "objective", label: str = "objective"
     """The paired gap to the control (arm - control, same repeat) against the budget per base: a line per DUS m
     and the MoE upcycle, with its 95% t interval as a band, the control at zero. Filled markers: the
     interval excludes zero (the arm is ordered against the control); hollow: it cannot be ordered."""
-    from ablate import stats
-
     gaps = stats.paired_gaps(points, column, direction)
     bases = _bases(points[stats.is_arm(points["method"])], bases)
     if gaps.empty or not bases:
@@ -624,8 +621,6 @@ def best_m_vs_budget(points, *, column: str = "objective", label: str = "objecti
     that cannot be ordered from it (paired 95% interval covering zero; no bar with one repeat)."""
     from matplotlib.ticker import MaxNLocator
 
-    from ablate import stats
-
     best = stats.best_m_by_budget(points, column, direction)
     bases = _bases(points[points["method"] == "dus"], bases)
     if best.empty or not bases:
@@ -672,8 +667,6 @@ def score_vs_flops(points, *, column: str = "objective", label: str = "objective
     """Score against compute, with the Pareto front on each panel: against the CPT training FLOPs of every arm
     at every budget point (lines join an arm's points), and against the inference FLOPs per token
     (training FLOPs per token / 3) at each base's last budget point. The no-CPT reference is a line."""
-    from ablate import stats
-
     means = stats.arm_means(points, column)
     means = means[means["flops"].notna() & (means["flops"] > 0)]
     if means.empty:

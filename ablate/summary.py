@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ablate import stats
-from ablate.results import budget_rows, trial_rows
+from ablate.results import BUDGET_COLUMNS, budget_rows, trial_rows
 from ablate.search import retried
 
 __all__ = ["summarize", "print_summary", "describe_arm"]
@@ -57,8 +57,6 @@ def _records(frame, columns: list[str]) -> list[dict]:
 def _budget_stats(points: list[dict], base: str, direction: str) -> dict | None:
     """The per-budget part of a base's summary from its budget rows (None when it has none scored)."""
     import pandas as pd
-
-    from ablate.results import BUDGET_COLUMNS
 
     frame = pd.DataFrame([p for p in points if p.get("base") == base])
     if frame.empty:
