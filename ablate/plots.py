@@ -185,6 +185,20 @@ def _bases(df, bases: list[str] | None) -> list[str]:
     return list(bases) + [b for b in seen if b not in bases] if bases else seen
 
 
+def _base_panels(axes, bases: list[str], points, table, empty: str, title=None):
+    """For each base's panel of a figure with one panel per base: ``(ax, base, n, its rows of table)``,
+    the panel titled (``title(base, n)``, default "base (n = n)"); a base without rows gets ``empty``
+    written on its panel and is skipped."""
+    for ax, base in zip(axes, bases, strict=True):
+        n = _depth(points, base)
+        ax.set_title(title(base, n) if title else f"{base} (n = {n})" if n else base)
+        mine = table[table["base"] == base]
+        if mine.empty:
+            _message(ax, empty)
+            continue
+        yield ax, base, n, mine
+
+
 def _depth(df, base: str) -> int | None:
     n = df.loc[df["base"] == base, "n"].dropna()
     return int(n.iloc[0]) if len(n) else None
@@ -527,13 +541,8 @@ def score_vs_budget(points, *, column: str = "objective", label: str = "objectiv
     arms = _arm_style()
     with style():
         fig, axes = _figure(len(bases))
-        for ax, base in zip(axes, bases, strict=True):
-            n = _depth(points, base)
-            ax.set_title(f"{base} (n = {n})" if n else base)
-            mine = means[means["base"] == base]
-            if mine.empty:
-                _message(ax, "not enough trials: no budget point of this base has a score yet")
-                continue
+        for ax, base, n, mine in _base_panels(axes, bases, points, means,
+                                               "not enough trials: no budget point of this base has a score yet"):
             is_control = (mine["method"] == "dus") & (mine["m"] == (n / 2 if n else -1))
             dus = mine[(mine["method"] == "dus") & ~is_control]
             norm, cmap = _m_colours(dus["m"].unique())
@@ -575,13 +584,10 @@ def gap_vs_budget(points, *, column: str = "objective", label: str = "objective"
     better = "negative" if direction == "minimize" else "positive"
     with style():
         fig, axes = _figure(len(bases))
-        for ax, base in zip(axes, bases, strict=True):
-            n = _depth(points, base)
-            ax.set_title(f"{base} (n = {n}): {better} is better than the control" if n else base)
-            mine = gaps[(gaps["base"] == base) & (gaps["pairs"] > 0)]
-            if mine.empty:
-                _message(ax, "not enough trials: no arm of this base has a pair with its control yet")
-                continue
+        for ax, _base, _n, mine in _base_panels(
+                axes, bases, points, gaps[gaps["pairs"] > 0],
+                "not enough trials: no arm of this base has a pair with its control yet",
+                title=lambda base, n: f"{base} (n = {n}): {better} is better than the control" if n else base):
             dus = mine[mine["method"] == "dus"]
             norm, cmap = _m_colours(dus["m"].unique())
             series = [(g, dict(color=cmap(norm(m)), marker="o", ls="-", lw=0.9)) for m, g in dus.groupby("m")]
@@ -628,13 +634,8 @@ def best_m_vs_budget(points, *, column: str = "objective", label: str = "objecti
     arms = _arm_style()
     with style():
         fig, axes = _figure(len(bases))
-        for ax, base in zip(axes, bases, strict=True):
-            n = _depth(points, base)
-            ax.set_title(f"{base} (n = {n})" if n else base)
-            mine = best[best["base"] == base].sort_values("budget")
-            if mine.empty:
-                _message(ax, "not enough trials: no DUS arm of this base has a score yet")
-                continue
+        for ax, base, n, mine in _base_panels(axes, bases, points, best.sort_values("budget"),
+                                               "not enough trials: no DUS arm of this base has a score yet"):
             known = mine["m_lo"].notna()
             ax.errorbar(mine.loc[known, "budget"], mine.loc[known, "best_m"],
                         yerr=[mine.loc[known, "best_m"] - mine.loc[known, "m_lo"],
