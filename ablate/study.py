@@ -30,16 +30,18 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from ablate import distributed
 from ablate.config import load_study_config
 from ablate.errors import UserError, cli
 from ablate.fsutil import atomic_dir, atomic_write_json
-from ablate.preflight import Plan, preflight
+from ablate.preflight import Plan, preflight, resolve_device
 from ablate.results import write_csv
 from ablate.search import SearchSpace, enqueue_controls, make_pruner, make_sampler, requeue_lost, retried, retry_failed
 from ablate.storage import WORKER_ATTR, Worker, open_storage
 from ablate.summary import describe_arm, print_summary
 from ablate.synthetic import write_eval_tasks
-from ablate.trial import Objective, TrialFailed, Workspace
+from ablate.train import plan_budget
+from ablate.trial import Objective, TrialFailed, Workspace, run_trial
 
 __all__ = ["run_study", "main"]
 
@@ -119,13 +121,55 @@ def run_study(config, *, trials: int, out: str | Path = "runs", storage: str | N
     out = Path(out).expanduser()
     if not progress:
         _quiet_libraries()
+    group = distributed.setup(resolve_device(device))  # None unless torchrun / accelerate launch started us
+    if config.train.distributed == "fsdp" and group is None:
+        raise UserError("train.distributed: fsdp shards a trial over several processes; launch the study with "
+                        "torchrun --nproc_per_node G -m ablate.study ... (or accelerate launch), or set "
+                        "train.distributed: ddp")
+    if group is not None:  # every rank: a budget that does not split over the processes is the config's error
+        plan_budget(config.train, seq_len=config.data.seq_len, num_train_rows=sys.maxsize, num_processes=group.world)
+    if group is not None and not group.main:
+        return _follow(config, group, out, device)
+    try:
+        result = _lead(config, trials, out, storage, device, progress, trust_remote_code, retry_failed, group)
+    except (KeyboardInterrupt, distributed.GroupLost):
+        raise  # the other ranks got the same signal, or are gone
+    except BaseException:
+        if group is not None:  # an error between trials (the followers wait for the next arm): release them
+            with contextlib.suppress(Exception):
+                group.send(None)
+        raise
+    if group is not None:
+        group.send(None)
+    return result
+
+
+def _follow(config, group, out: Path, device: str) -> dict:
+    """A rank > 0 of a worker: run every arm rank 0 sends, in step with it, until it sends None; write nothing."""
+    tasks_dir = out / config.name / "tasks" if config.eval.synthetic_tasks else None
+    workspace = Workspace(config, resolve_device(device), tasks_dir, progress=False)
+    while (message := group.receive()) is not None:
+        failure = None
+        try:
+            run_trial(workspace, message["arm"], None)
+        except (KeyboardInterrupt, SystemExit, distributed.GroupLost):
+            raise
+        except Exception as exc:  # rank 0 records it (it meets the same failure, or hears of it)
+            failure = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
+        group.together(failure)
+    return {}
+
+
+def _lead(config, trials: int, out: Path, storage, device: str, progress: bool, trust_remote_code: bool,
+          retry_failed: bool, group) -> dict:
+    """Rank 0 of a worker (or the one process): the study's storage, its lock and every record."""
     plan = preflight(config, out, storage=storage, device=device, trust_remote_code=trust_remote_code,
                      progress=progress)
     plan.study_dir.mkdir(parents=True, exist_ok=True)
     storage = open_storage(plan.url)  # a broken storage file fails here, before .workers/ is made
     worker = Worker(plan.url, config.name, plan.study_dir)
     try:
-        return _run(config, trials, plan, progress, worker, storage, retry_failed)
+        return _run(config, trials, plan, progress, worker, storage, retry_failed, group)
     finally:
         worker.close()
 
@@ -150,7 +194,8 @@ def _claim_config(study, config) -> None:
                         f"{', '.join(changed)}); use the same config, or another --study NAME")
 
 
-def _run(config, trials: int, plan: Plan, progress: bool, worker, storage, retry: bool = False) -> dict:
+def _run(config, trials: int, plan: Plan, progress: bool, worker, storage, retry: bool = False,
+         group=None) -> dict:
     study_dir, direction = plan.study_dir, plan.direction
     space = SearchSpace(config, plan.depths)
     # Optuna logs a failed trial with its traceback; we print one line per failure instead
@@ -172,7 +217,7 @@ def _run(config, trials: int, plan: Plan, progress: bool, worker, storage, retry
         except FileExistsError:  # another worker wrote them first (the same files)
             pass
     workspace = Workspace(config, plan.device, tasks_dir if config.eval.synthetic_tasks else None, progress=progress)
-    objective = Objective(space, workspace, study_dir, direction, worker=worker)
+    objective = Objective(space, workspace, study_dir, direction, worker=worker, group=group)
     total = len(space.arms())
     with worker.sampling():
         enqueue_controls(study, space)

@@ -27,6 +27,7 @@ import pydantic
 import torch
 from pydantic import Field
 
+from ablate import distributed
 from ablate import precision as precisions
 from ablate.data import SHUFFLE_WINDOW, PackedData
 from ablate.errors import UserError
@@ -123,6 +124,12 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
                                              "bit for bit); an arm that adds no layer (the control m = n/2, "
                                              "prune, MoE) trains every parameter, and each trial records which "
                                              "and how many parameters trained.")
+    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="With several processes (torchrun / "
+                                                "accelerate launch): ddp keeps a whole replica of the model, "
+                                                "gradients and AdamW state on every process; fsdp shards them "
+                                                "(FSDP2, fully_shard per decoder layer; bf16 compute, fp32 master "
+                                                "weights on GPUs) for models one GPU cannot hold. One process: "
+                                                "ddp is plain training, fsdp needs a launcher.")
     compile: bool = Field(False, description="torch.compile the model before training (faster "
                           "steps after a one-off compile of tens of seconds; off by default so "
                           "short runs and tests do not pay it).")
@@ -500,6 +507,7 @@ def continue_pretraining(model: torch.nn.Module, data: PackedData, config: Train
     points = plan_points(config)
     choice = precisions.choose(config.precision, accelerator.device, model, micro_batch=config.micro_batch_size,
                                seq_len=data.seq_len)
+    choice = distributed.share(choice)  # rank 0's: auto may time both precisions, and timings differ per rank
     precision = choice.precision
     if accelerator.mixed_precision not in ("no", precision):
         raise UserError(f"accelerate was launched with mixed_precision={accelerator.mixed_precision}"
@@ -507,6 +515,13 @@ def continue_pretraining(model: torch.nn.Module, data: PackedData, config: Train
                         "--mixed_precision (TrainConfig.precision decides)")
     set_seed(config.seed)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    fsdp = config.distributed == "fsdp"
+    if fsdp and not torch.distributed.is_initialized():
+        raise UserError("train.distributed: fsdp needs a process group; launch with torchrun --nproc_per_node G "
+                        "-m ablate.study ... (or accelerate launch), or set train.distributed: ddp")
+    if fsdp and config.eval_rows % world:  # every rank must run as many forward passes (collectives)
+        raise UserError(f"train.distributed: fsdp splits eval_rows={config.eval_rows} over {world} processes; set "
+                        f"train.eval_rows to a multiple of {world}")
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -518,8 +533,13 @@ def continue_pretraining(model: torch.nn.Module, data: PackedData, config: Train
                         "new_layers (ablate.plan.Plan.new_layers) or set train.trainable: all")
     frozen = train_only_layers(model, new_layers) if config.trainable == "new" else []
     trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    optimizer = _optimizer(model, config)
-    ddp_model, optimizer = accelerator.prepare(model, optimizer)
+    if fsdp:  # sharded in place, before the optimizer sees the (now sharded) parameters
+        distributed.shard(model, device, precision)
+        optimizer = _optimizer(model, config)
+        ddp_model = model
+    else:
+        optimizer = _optimizer(model, config)
+        ddp_model, optimizer = accelerator.prepare(model, optimizer)
     forward = torch.compile(ddp_model) if config.compile else ddp_model
     aux_coef = getattr(model.config, "router_aux_loss_coef", 0.0)
     warmup = warmup_steps(config, budget.steps)
@@ -569,6 +589,7 @@ def continue_pretraining(model: torch.nn.Module, data: PackedData, config: Train
         losses = accelerator.reduce(losses, reduction="mean") / budget.accum_steps
         max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
         loss, aux_loss, grad_norm = losses[0].item(), losses[1].item(), float(grad_norm)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)

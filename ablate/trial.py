@@ -35,6 +35,7 @@ import torch
 import yaml
 
 from ablate import base as bases
+from ablate import distributed
 from ablate.config import StudyConfig
 from ablate.data import load_packed, tokenizer_fingerprint
 from ablate.errors import disk_full, one_line
@@ -179,7 +180,7 @@ def _evaluate(ws: Workspace, model, tokenizer, data, per_item: dict | None = Non
     return metrics
 
 
-def run_trial(ws: Workspace, arm, out_dir: Path, on_eval: Callable[[int, int, float], bool] | None = None,
+def run_trial(ws: Workspace, arm, out_dir: Path | None, on_eval: Callable[[int, int, float], bool] | None = None,
               on_point: Callable[[int, float], bool] | None = None) -> dict:
     """Build, train and evaluate ``arm``; return its record (see :mod:`ablate.results` for the fields).
 
@@ -188,7 +189,8 @@ def run_trial(ws: Workspace, arm, out_dir: Path, on_eval: Callable[[int, int, fl
     objective are the last point's. ``on_point(tokens, objective)`` sees each point's objective and
     may stop the run (the study's pruner). A run stopped early comes back with ``status="stopped"``
     and the points it reached. A non-finite loss raises :class:`TrialFailed`. Method ``nocpt`` is the
-    base evaluated as it is: no surgery, no CPT, one point at 0 tokens.
+    base evaluated as it is: no surgery, no CPT, one point at 0 tokens. ``out_dir`` None writes nothing
+    (the ranks > 0 of a worker of several processes: rank 0 writes the records).
     """
     t0 = time.perf_counter()
     base, tokenizer = ws.base(arm.base)
@@ -226,7 +228,8 @@ def run_trial(ws: Workspace, arm, out_dir: Path, on_eval: Callable[[int, int, fl
                        "objective": objective, "eval_s": round(time.perf_counter() - e0, 3)})
         # Optuna's step: the point in the study's unit, in whole steps (pruner rungs are the same numbers)
         step = nominal[point.index] // tps * tps
-        return bool(on_point(step, objective)) if on_point is not None else False
+        stop = bool(on_point(step, objective)) if on_point is not None else False
+        return distributed.share(stop)  # rank 0's pruner decides for every rank of a worker
 
     result = continue_pretraining(variant, data, train_cfg, on_eval=on_eval, on_point=evaluate_point,
                                   out_dir=out_dir, progress=ws.progress, cpu=str(ws.device) == "cpu",
@@ -285,10 +288,10 @@ def _no_cpt_record(ws: Workspace, arm, base, tokenizer, data, t0: float, out_dir
             "metrics": metrics, "objective": objective, "eval_s": round(t2 - t1, 3), "wall_s": round(t2 - t0, 3)}
 
 
-def _write_items(out_dir: Path, budget, items: dict, *, append: bool) -> None:
+def _write_items(out_dir: Path | None, budget, items: dict, *, append: bool) -> None:
     """``items.jsonl`` in the trial folder: per budget point and task, every evaluation item's score
     (0/1 ``hit``, ``loss`` in nats), so intervals can resample items (``ablate.stats.item_gaps``)."""
-    if not items:
+    if not items or out_dir is None:
         return
     with open(Path(out_dir) / "items.jsonl", "a" if append else "w") as f:
         for task, scores in items.items():
@@ -300,7 +303,8 @@ class Objective:
     """``objective(trial) -> float``: the study's objective value of one sampled configuration."""
 
     def __init__(self, space: SearchSpace, workspace: Workspace, study_dir: Path, direction: str,
-                 worker: Worker | None = None):
+                 worker: Worker | None = None, group: distributed.Group | None = None):
+        self.group = group  # rank 0 of a worker of several processes: the others run each arm it sends
         self.space = space
         self.ws = workspace
         self.study_dir = Path(study_dir)
@@ -336,6 +340,8 @@ class Objective:
 
     def _run(self, trial: optuna.Trial) -> float:
         arm = self._claim(trial)
+        if self.group is not None:
+            self.group.send({"arm": arm, "trial": trial.number})
         sign = 1.0 if self.direction == "minimize" else -1.0  # pruners read intermediate values in the
         # study's direction, so a maximised objective gets minus the held-out loss
 
@@ -361,12 +367,16 @@ class Objective:
             atomic_write_json(folder / "env.json", environment(str(self.ws.device)))
             try:
                 record = run_trial(self.ws, arm, folder, on_eval, on_point)
-            except (KeyboardInterrupt, SystemExit):
+            except (KeyboardInterrupt, SystemExit, distributed.GroupLost):
                 raise  # not the configuration's fault: the trial stays unrecorded and runs again
             except Exception as exc:  # any failure of this configuration is recorded, the study goes on
                 if disk_full(exc):
                     raise  # not the configuration's fault either: the study stops with one line, a rerun runs it
                 failure = one_line(exc, with_type=True)
+                record = {**arm.to_dict(), "status": "failed", "fail_reason": failure}
+            others = self.group.together(failure) if self.group is not None else []  # a dead rank: GroupLost
+            if failure is None and others:  # rank 0's part finished, another rank's did not
+                failure = others[0]
                 record = {**arm.to_dict(), "status": "failed", "fail_reason": failure}
             record["trial"] = trial.number
             atomic_write_json(folder / "result.json", record)
