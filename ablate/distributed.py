@@ -86,11 +86,11 @@ class Group:
 
     def send(self, message) -> None:
         """Rank 0: hand ``message`` (any picklable object; None ends the followers) to every other rank."""
-        share(message)
+        self._collective(share, message)
 
     def receive(self):
         """Ranks > 0: the next message of rank 0 (blocks until it comes)."""
-        return share(None)
+        return self._collective(share, None)
 
     def together(self, failure: str | None = None) -> list[str]:
         """Every rank ends the trial here, saying why its part failed (None: it did not).
@@ -99,13 +99,16 @@ class Group:
         rank cannot answer (it died: the collective fails as soon as its connection closes).
         """
         reasons: list = [None] * self.world
+        self._collective(dist.all_gather_object, reasons, failure)
+        return [f"rank {r}: {why}" for r, why in enumerate(reasons) if why is not None and r != self.rank]
+
+    def _collective(self, call, *args):
         try:
-            dist.all_gather_object(reasons, failure)
-        except RuntimeError as exc:  # gloo: "Connection reset by peer"; NCCL: a watchdog timeout
+            return call(*args)
+        except RuntimeError as exc:  # gloo: "Connection reset by peer" at once; NCCL: a timeout
             raise GroupLost(f"a process of this {self.world}-process worker is gone ("
                             f"{' '.join(str(exc).split())[:160]}); the trial runs again when the worker is "
                             "started again") from None
-        return [f"rank {r}: {why}" for r, why in enumerate(reasons) if why is not None and r != self.rank]
 
 
 def setup(device: str) -> Group | None:
