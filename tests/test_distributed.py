@@ -7,7 +7,8 @@
   held-out losses as one process, rank 0 alone in the storage and writing the records;
 - a rank killed mid-trial fails that trial for the worker, and the next run completes the study with
   every configuration finished exactly once (slow tier);
-- the one-line errors: fsdp without a launcher, a process group whose backend does not fit the device.
+- a process group whose backend does not fit the device is a one-line error (fsdp without a launcher is
+  in tests/test_bad_input.py).
 """
 
 import json
@@ -24,7 +25,9 @@ import torch
 from _studykit import finished_arms, load_trials
 
 from ablate import distributed
+from ablate.config import load_study_config
 from ablate.errors import UserError
+from ablate.study import run_study
 
 TESTS = Path(__file__).parent
 
@@ -86,14 +89,14 @@ def _files(folder: Path) -> dict[str, set[str]]:
     return {p.name: {f.name for f in p.iterdir()} for p in (folder / "trials").iterdir() if p.name.isdigit()}
 
 
-def test_a_study_worker_of_two_processes_matches_one_process(kit, tmp_path):
+def test_a_study_worker_of_two_processes_matches_one_process(home, tmp_path):
+    kit = home
     config = kit.write(tmp_path, train={"tokens": 1024, "tokens_per_step": 512, "micro_batch_size": 8, "lr": 1e-3,
                                         "eval_every": 1, "eval_rows": 8, "precision": "fp32", "distributed": "fsdp"})
     done = subprocess.run(torchrun(_study_args(config, tmp_path / "fsdp", 3)), cwd=tmp_path, capture_output=True,
                           text=True, timeout=300, env=kit.env(PYTHONPATH=str(TESTS.parent)))
     assert done.returncode == 0, done.stderr[-3000:]
-    single = kit.run([*_study_args(config, tmp_path / "single", 3)[2:], "--set", "train.distributed=ddp"], tmp_path)
-    assert single.returncode == 0, single.stderr[-3000:]
+    run_study(load_study_config(config, ["train.distributed=ddp"]), trials=3, out=tmp_path / "single", progress=False)
     two, one = tmp_path / "fsdp" / "tiny-study", tmp_path / "single" / "tiny-study"
     trials = load_trials(two)
     assert len(finished_arms(trials)) == 3 and finished_arms(trials) == finished_arms(load_trials(one))
@@ -174,14 +177,6 @@ def test_a_rank_killed_mid_trial_fails_the_trial_and_the_next_run_completes_the_
     check = subprocess.run([sys.executable, "-m", "ablate.check", str(study_dir)], env=env, capture_output=True,
                            text=True, timeout=120)
     assert check.returncode == 0, check.stdout + check.stderr
-
-
-def test_fsdp_without_a_launcher_is_a_one_line_error(kit, tmp_path):
-    config = kit.write(tmp_path, train={"tokens": 512, "tokens_per_step": 256, "distributed": "fsdp"})
-    done = kit.run(["--config", str(config), "--trials", "1", "--out", str(tmp_path / "runs")], tmp_path)
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1].startswith("error: train.distributed: fsdp shards a trial")
-    assert not (tmp_path / "runs").exists()
 
 
 def test_a_process_group_whose_backend_does_not_fit_the_device_is_refused(tmp_path):
