@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "upscale": ("ablate.upscale", "grow or prune a checkpoint by a layer plan, plus mergekit YAML"),
     "moe": ("ablate.moe", "write a Mixtral-style MoE upcycle and its mergekit-moe YAML"),
     "zoo": ("ablate.zoobuild", "list or build the built-in base models"),
+    "plan-memory": ("ablate.memory", "memory per GPU of a study's largest arms, from its config"),
 }
 
 

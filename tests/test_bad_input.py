@@ -100,6 +100,8 @@ CASES = [
          "train.lr: every lr must be a positive finite"),
     Case("fsdp-without-a-launcher", "study", study("--set", "train.distributed=fsdp"),
          "train.distributed: fsdp shards a trial over several processes; launch the study with torchrun"),
+    Case("plan-memory-without-gpus", "memory", lambda i: [i.config("ok"), "--gpus", "0"], "--gpus 0: give the number"),
+    Case("plan-memory-missing-config", "memory", lambda i: [str(i.root / "nope.yaml")], "nope.yaml does not exist"),
     Case("unknown-distributed-mode", "study", study("--set", "train.distributed=zero3"),
          "train.distributed: Input should be 'ddp' or 'fsdp'"),
     Case("malformed-set", "study", study("--set", "train.lr"), "is not key.path=value"),
