@@ -25,6 +25,7 @@ import functools
 import hashlib
 import logging
 import math
+import os
 import random
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -245,6 +246,9 @@ def _lean_simple_evaluate(progress: bool) -> Iterator[None]:
     hide_datasets_bars = not progress and datasets_logging.is_progress_bar_enabled()
     if hide_datasets_bars:
         datasets_logging.disable_progress_bar()
+    # simple_evaluate returns its results only where LOCAL_RANK is 0 (its rule for tensor-parallel launches);
+    # with a model instance every rank of a study worker evaluates every item itself and needs them
+    local_rank = os.environ.pop("LOCAL_RANK", None)
     try:
         for (module, name), value in patches.items():
             if (module, name) in saved:
@@ -255,6 +259,8 @@ def _lean_simple_evaluate(progress: bool) -> Iterator[None]:
             setattr(module, name, value)
         if hide_datasets_bars:
             datasets_logging.enable_progress_bar()
+        if local_rank is not None:
+            os.environ["LOCAL_RANK"] = local_rank
 
 
 _TOKENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {call: token ids}
