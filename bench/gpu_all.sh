@@ -3,7 +3,10 @@
 #   1. bench/gpu_check.py: a ~1B DUS variant, 50 compiled bf16 CPT steps, MFU vs a measured bf16 ceiling
 #   2. the CUDA tests (tests/test_gpu.py: surgery, generation, MoE, CPT and perplexity on the GPU)
 #   3. bench/gpu_check.py again without torch.compile (eager)
-#   4. the smoke study, then the default study, on the GPU (python -m ablate.study --device cuda)
+#   4. the smoke study on the GPU (python -m ablate.study --device cuda)
+#   5. FSDP: tests/_fsdp_worker.py (fsdp training, gathered checkpoint) and the smoke study as one worker of
+#      G processes with train.distributed=fsdp (torchrun; G = 2 with 2+ GPUs, else 1)
+#   6. the default study on the GPU
 # Logs and the studies' results.csv go to $OUT (default gpu_logs/), the study folders to $RUNS.
 # Each step has its own time limit (cut to what is left of BUDGET_S, default 540 s) and a failing
 # step does not stop the later ones; the exit code is the number of steps that failed or had no
@@ -46,6 +49,12 @@ step gpu_tests 180 "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovid
 step gpu_check_eager 240 "$PY" bench/gpu_check.py --no-compile
 step smoke_study 180 "$PY" -m ablate.study --config studies/smoke.yaml --trials 3 --device cuda \
     --out "$RUNS" --quiet
+NGPU=$(nvidia-smi --list-gpus | wc -l)
+G=$([ "$NGPU" -ge 2 ] && echo 2 || echo 1)
+step fsdp_train 120 "$PY" -m torch.distributed.run --nproc_per_node "$G" tests/_fsdp_worker.py "$RUNS/fsdp-train" fsdp
+step fsdp_study 180 "$PY" -m torch.distributed.run --nproc_per_node "$G" -m ablate.study --config studies/smoke.yaml \
+    --trials 3 --device cuda --out "$RUNS" --study smoke-fsdp --quiet --set train.distributed=fsdp \
+    --set train.tokens_per_step=1024
 step default_study 600 "$PY" -m ablate.study --trials 20 --device cuda \
     --out "$RUNS" --quiet
 for csv in "$RUNS"/*/results.csv; do [ -f "$csv" ] && cp "$csv" "$OUT/$(basename "$(dirname "$csv")").csv"; done
