@@ -5,7 +5,8 @@ One job: take a model and a :class:`~ablate.data.PackedData`, train it for exact
 cosine decay, gradient clipping and accumulation), measure held-out loss along the way
 and report it to a callback that may stop the run (the study's Optuna pruner).
 
-The same function runs on CPU, on one GPU, and under ``accelerate launch`` (DDP): every
+The same function runs on CPU, on one GPU, and under ``torchrun`` / ``accelerate launch``
+(``distributed: ddp``, or ``fsdp``: FSDP2 shards, :func:`ablate.distributed.shard`): every
 rank reads a disjoint slice of each step's rows, so the global tokens per step stay
 ``tokens_per_step`` whatever the number of processes.
 """
