@@ -26,18 +26,28 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "study": ("ablate.study", "run or continue a study"),
     "figures": ("ablate.figures", "write a study's figures (PDF+PNG) and tables"),
     "check": ("ablate.check", "check that a study's records agree"),
-    "upscale": ("ablate.upscale", "grow or prune a checkpoint by a layer plan, plus mergekit YAML"),
+    "upscale": ("ablate.upscale", "grow/prune a checkpoint by a layer plan, plus mergekit YAML"),
     "moe": ("ablate.moe", "write a Mixtral-style MoE upcycle and its mergekit-moe YAML"),
     "zoo": ("ablate.zoobuild", "list or build the built-in base models"),
     "plan-memory": ("ablate.memory", "memory per GPU of a study's largest arms, from its config"),
 }
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse measures command names two columns left of where it prints them, so the longest
+    (plan-memory) would push its summary onto a line of its own; give it the two columns."""
+
+    def add_argument(self, action):
+        super().add_argument(action)
+        if action.help is not argparse.SUPPRESS and getattr(action, "_choices_actions", None):
+            self._action_max_length += 2
+
+
 def _parser() -> argparse.ArgumentParser:
     """The top-level parser, for ``ablate --help`` only: the subcommands parse their own arguments."""
     parser = argparse.ArgumentParser(
         prog="ablate", description="Layer-count ablations of Depth Up-Scaling against MoE upcycling.",
-        epilog="run 'ablate COMMAND --help' for a command's options")
+        epilog="run 'ablate COMMAND --help' for a command's options", formatter_class=_Formatter)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     for name, (_, summary) in COMMANDS.items():
         sub.add_parser(name, help=summary)

@@ -15,7 +15,7 @@ import pytest
 
 from ablate.cli import COMMANDS, main
 
-SIX = ("study", "figures", "check", "upscale", "moe", "zoo")
+SIX = ("study", "figures", "check", "upscale", "moe", "zoo", "plan-memory")  # every command, in order
 
 
 def ablate_script() -> str:
