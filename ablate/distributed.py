@@ -178,17 +178,19 @@ def shard(model: torch.nn.Module, device: torch.device, precision: str) -> torch
 def save_full_checkpoint(model: torch.nn.Module, tokenizer, folder: str | Path) -> Path | None:
     """Gather a sharded (FSDP2) or plain ``model`` into one Hugging Face checkpoint in ``folder``.
 
-    Collective: every rank calls it. The full state dict is gathered tensor by tensor into rank 0's
-    host memory (``full_state_dict=True, cpu_offload=True``: one full copy there, none on the
-    other ranks), and rank 0 writes ``config.json``, safetensors weights and the tokenizer. Returns
-    the folder on rank 0, None elsewhere. The checkpoint loads with ``AutoModelForCausalLM``.
+    Every rank calls it (for a sharded model the gathering is collective). The full state dict is
+    gathered tensor by tensor into rank 0's host memory (``full_state_dict=True, cpu_offload=True``:
+    one full copy there, none on the other ranks), and rank 0 writes ``config.json``, safetensors
+    weights and the tokenizer. Returns the folder on rank 0, None elsewhere. A plain model (one
+    process, or a ddp replica: every rank holds all of it) is written by rank 0 from its own copy.
+    The checkpoint loads with ``AutoModelForCausalLM``.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor
 
-    sharded = world() > 1 or any(type(p).__name__ == "DTensor" for p in model.parameters())
-    if sharded:
+    if any(isinstance(p, DTensor) for p in model.parameters()):
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
+    elif is_main():
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if not is_main():
         return None
