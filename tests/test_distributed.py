@@ -69,13 +69,14 @@ def test_fsdp_on_two_processes_matches_one_process(tmp_path):
         assert [r.get("branch") for r in sharded] == [r.get("branch") for r in single]
         _same_losses(sharded, single)  # the same global batch on 2 processes: equal up to float summation order
         assert single[-1]["train_loss"] < single[1]["train_loss"]  # it learns: the comparison means something
-        folder = tmp_path / "fsdp" / run / "ckpt"
-        assert json.loads((folder / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
-        loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
-        with torch.no_grad():
-            logits = loaded(input_ids=ids).logits
         expected = torch.load(tmp_path / "single" / run / "logits.pt")
-        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+        for mode in ("fsdp", "single"):  # gathered from the shards, and written from a plain model
+            folder = tmp_path / mode / run / "ckpt"
+            assert json.loads((folder / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+            loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+            with torch.no_grad():
+                logits = loaded(input_ids=ids).logits
+            torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(torch.load(tmp_path / "fsdp" / run / "logits.pt"), expected, rtol=1e-4, atol=1e-5)
     assert "branch" in {k for r in _metrics(tmp_path / "fsdp" / "wsd" / "metrics.jsonl") for k in r}
 
@@ -138,21 +139,38 @@ def _ranks(launcher: int) -> dict[int, int]:
     return found
 
 
-@pytest.mark.slow  # two torchrun workers of 2 processes and a kill: about a minute on 2 shared cores
-def test_a_rank_killed_mid_trial_fails_the_trial_and_the_next_run_completes_the_study(kit, tmp_path):
+def _bare_ranks(args: list[str], cwd: Path, env: dict, log) -> list[subprocess.Popen]:
+    """The ranks of a 2-process worker started without a launcher that stops the others when one dies."""
+    port = str(_port())
+    return [subprocess.Popen([sys.executable, *args], cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                             env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in range(2)]
+
+
+@pytest.mark.slow  # two workers of 2 processes and a kill: about a minute on 2 shared cores
+@pytest.mark.parametrize("launcher", ["torchrun", "bare"])
+def test_a_rank_killed_mid_trial_fails_the_trial_and_the_next_run_completes_the_study(kit, tmp_path, launcher):
+    """torchrun stops rank 0 when rank 1 dies (the trial is interrupted); started bare, rank 0 finds the
+    dead rank in its next collective and stops with one line (GroupLost). Either way the trial is failed
+    without a reason of its own and the next run completes the study."""
     config = kit.write(tmp_path, train={"tokens": 8192, "tokens_per_step": 512, "micro_batch_size": 8, "lr": 1e-3,
                                         "eval_every": 1, "eval_rows": 8, "precision": "fp32", "distributed": "fsdp"})
     study_dir, total = tmp_path / "runs" / "tiny-study", 5  # nocpt, DUS m = 0, 1, 2, MoE
     env = kit.env(PYTHONPATH=str(TESTS.parent))
     log = open(tmp_path / "first.txt", "w")
-    first = subprocess.Popen(torchrun(_study_args(config, tmp_path / "runs", total)), cwd=tmp_path, env=env,
-                             stdout=log, stderr=subprocess.STDOUT)
+    args = _study_args(config, tmp_path / "runs", total)
+    if launcher == "torchrun":
+        first = subprocess.Popen(torchrun(args), cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+        procs = [first]
+    else:
+        procs = _bare_ranks(args, tmp_path, env, log)
+        first = procs[0]
     end, victim = time.monotonic() + 240, None
     while victim is None and time.monotonic() < end and first.poll() is None:
         partial = sorted((study_dir / "trials").glob(".*.partial-*")) if (study_dir / "trials").is_dir() else []
         metrics = [p / "metrics.jsonl" for p in partial if (p / "metrics.jsonl").is_file()]
         if metrics and len(metrics[0].read_text().splitlines()) >= 3:  # CPT has taken steps: mid-trial
-            ranks = _ranks(first.pid)
+            ranks = _ranks(first.pid) if launcher == "torchrun" else {r: p.pid for r, p in enumerate(procs)}
             for pid in ranks.values():
                 os.kill(pid, signal.SIGSTOP)
             victim = int(metrics[0].parent.name.split(".")[1])
@@ -160,15 +178,19 @@ def test_a_rank_killed_mid_trial_fails_the_trial_and_the_next_run_completes_the_
             os.kill(ranks[0], signal.SIGCONT)
         time.sleep(0.05)
     assert victim is not None, (tmp_path / "first.txt").read_text()[-3000:]
-    first.wait(timeout=120)
+    for proc in procs:
+        proc.wait(timeout=120)
     log.close()
     assert first.returncode != 0
     trials = {t.number: t for t in load_trials(study_dir)}
     assert trials[victim].state.name in ("FAIL", "RUNNING") and "fail_reason" not in trials[victim].user_attrs
     assert not (study_dir / "trials" / str(victim)).exists()  # never recorded as the configuration's result
+    if launcher == "bare":  # no signal: rank 0 met the dead rank in a collective
+        assert first.returncode == 2 and "interrupted" not in trials[victim].user_attrs
+        last = [line for line in (tmp_path / "first.txt").read_text().splitlines() if line.startswith("error:")]
+        assert last and last[-1].startswith("error: a process of this 2-process worker is gone"), last
 
-    again = subprocess.run(torchrun(_study_args(config, tmp_path / "runs", total)), cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=300)
+    again = subprocess.run(torchrun(args), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     trials = load_trials(study_dir)
     arms = finished_arms(trials)
