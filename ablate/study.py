@@ -150,6 +150,8 @@ def _follow(config, group, out: Path, device: str) -> dict:
     workspace = Workspace(config, resolve_device(device), tasks_dir, progress=False)
     while (message := group.receive()) is not None:
         failure = None
+        if message["plan"] is not None:
+            workspace.use_plan(message["arm"], message["plan"])
         try:
             run_trial(workspace, message["arm"], None)
         except (KeyboardInterrupt, SystemExit, distributed.GroupLost):

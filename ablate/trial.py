@@ -122,6 +122,10 @@ class Workspace:
             self._plans[key] = op.plan(n, measured)
         return self._plans[key]
 
+    def use_plan(self, arm, plan) -> None:
+        """Take ``plan`` as ``arm``'s layer plan (a rank > 0 of a worker takes rank 0's)."""
+        self._plans[(arm.base, arm.method)] = plan
+
     def task_groups(self) -> dict[int | None, list[str]]:
         """Task names by few-shot count: the study's lm-eval tasks plus the synthetic ones."""
         groups = self.config.eval.task_groups()
@@ -340,8 +344,12 @@ class Objective:
 
     def _run(self, trial: optuna.Trial) -> float:
         arm = self._claim(trial)
-        if self.group is not None:
-            self.group.send({"arm": arm, "trial": trial.number})
+        if self.group is not None:  # an operator's plan too: one measured on each rank's GPU could differ
+            plan = None
+            if arm.method not in ("dus", "moe", NOCPT):
+                with contextlib.suppress(Exception):  # a plan that fails fails in run_trial, on every rank
+                    plan = self.ws.plan(arm)
+            self.group.send({"arm": arm, "trial": trial.number, "plan": plan})
         sign = 1.0 if self.direction == "minimize" else -1.0  # pruners read intermediate values in the
         # study's direction, so a maximised objective gets minus the held-out loss
 
