@@ -5,10 +5,11 @@
   a checkpoint that ``AutoModelForCausalLM`` loads and that gives the 1-process model's logits;
 - ``torchrun --nproc_per_node 2 -m ablate.study`` runs a study as one worker: the same trials and
   held-out losses as one process, rank 0 alone in the storage and writing the records;
-- a rank killed mid-trial fails that trial for the worker, and the next run completes the study with
-  every configuration finished exactly once (slow tier);
-- a process group whose backend does not fit the device is a one-line error (fsdp without a launcher is
-  in tests/test_bad_input.py).
+- a rank killed mid-trial (under torchrun, and under a launcher that leaves rank 0 running) fails that
+  trial for the worker, and the next run completes the study with every configuration finished exactly
+  once (slow tier);
+- a process group whose backend does not fit the device, and fsdp in a process that belongs to no
+  group, are one-line errors (fsdp without a launcher on the command line is in tests/test_bad_input.py).
 """
 
 import json
@@ -215,3 +216,18 @@ def test_a_process_group_whose_backend_does_not_fit_the_device_is_refused(tmp_pa
         dist.destroy_process_group()
     with pytest.raises(UserError, match="needs a process group"):
         distributed.shard(torch.nn.Linear(2, 2), torch.device("cpu"), "fp32")
+
+
+def test_continue_pretraining_with_fsdp_and_no_process_group_is_refused_before_touching_the_model():
+    from conftest import tiny_model
+    from test_train import random_data, small_config
+
+    from ablate.train import continue_pretraining
+
+    model = tiny_model(num_layers=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UserError, match="train.distributed: fsdp needs a process group"):
+        continue_pretraining(model, random_data(), small_config(distributed="fsdp", trainable="new"), progress=False,
+                             new_layers=[1])
+    assert all(p.requires_grad for p in model.parameters())  # nothing frozen and left frozen
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
