@@ -151,6 +151,10 @@ def shard(model: torch.nn.Module, device: torch.device, precision: str) -> torch
     Master weights, gradients and AdamW's moments stay in fp32, sharded; with ``precision`` bf16 on a
     GPU each layer is gathered in bf16 for compute and its gradients reduced in fp32 (a
     MixedPrecisionPolicy). On CPU everything stays fp32. Build the optimizer after this call.
+
+    Gradients are reduce-scattered after every micro-batch, accumulation included: skipping that
+    (``set_requires_gradient_sync(False)``) would keep each rank's whole unsharded gradient between
+    micro-batches, the memory sharding is there to save.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
