@@ -128,6 +128,9 @@ def run_study(config, *, trials: int, out: str | Path = "runs", storage: str | N
                         "train.distributed: ddp")
     if group is not None:  # every rank: a budget that does not split over the processes is the config's error
         plan_budget(config.train, seq_len=config.data.seq_len, num_train_rows=sys.maxsize, num_processes=group.world)
+        if config.train.distributed == "fsdp" and config.train.eval_rows % group.world:
+            raise UserError(f"train.distributed: fsdp splits train.eval_rows={config.train.eval_rows} over "
+                            f"{group.world} processes; set train.eval_rows to a multiple of {group.world}")
     if group is not None and not group.main:
         return _follow(config, group, out, device)
     try:

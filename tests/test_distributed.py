@@ -122,6 +122,16 @@ def _same_losses(got: list[dict], expected: list[dict]) -> None:
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a, b)
 
 
+def test_a_config_that_does_not_split_over_the_processes_is_refused_on_every_rank(kit, tmp_path):
+    config = kit.write(tmp_path, train={"tokens": 1024, "tokens_per_step": 512, "eval_rows": 7, "distributed": "fsdp"})
+    done = subprocess.run(torchrun(_study_args(config, tmp_path / "runs", 1)), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env=kit.env(PYTHONPATH=str(TESTS.parent)))
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error:")]
+    assert done.returncode != 0 and len(errors) == 2, done.stderr[-2000:]  # each rank says it, in one line
+    assert all("set train.eval_rows to a multiple of 2" in e for e in errors)
+    assert not (tmp_path / "runs").exists()
+
+
 def _ranks(launcher: int) -> dict[int, int]:
     """The rank processes a torchrun started: {RANK: pid}."""
     found = {}
