@@ -40,6 +40,7 @@ from ablate.data import load_packed, tokenizer_fingerprint
 from ablate.errors import disk_full, one_line
 from ablate.evaluate import evaluate, perplexity
 from ablate.fsutil import atomic_dir, atomic_write_json, atomic_write_text
+from ablate.keep import Keeper, NoRoom, TrialKeeper
 from ablate.moe import upcycle
 from ablate.objective import objective_value
 from ablate.params import count_params, training_flops_per_token
@@ -180,7 +181,7 @@ def _evaluate(ws: Workspace, model, tokenizer, data, per_item: dict | None = Non
 
 
 def run_trial(ws: Workspace, arm, out_dir: Path, on_eval: Callable[[int, int, float], bool] | None = None,
-              on_point: Callable[[int, float], bool] | None = None) -> dict:
+              on_point: Callable[[int, float], bool] | None = None, keeper: TrialKeeper | None = None) -> dict:
     """Build, train and evaluate ``arm``; return its record (see :mod:`ablate.results` for the fields).
 
     Every budget point of the CPT run (one under schedule cosine, each of ``train.budgets`` under
@@ -189,6 +190,9 @@ def run_trial(ws: Workspace, arm, out_dir: Path, on_eval: Callable[[int, int, fl
     may stop the run (the study's pruner). A run stopped early comes back with ``status="stopped"``
     and the points it reached. A non-finite loss raises :class:`TrialFailed`. Method ``nocpt`` is the
     base evaluated as it is: no surgery, no CPT, one point at 0 tokens.
+
+    ``keeper`` (:mod:`ablate.keep`) checks before CPT that a kept checkpoint fits on its disk and is
+    offered the variant at every budget point, once the point is evaluated.
     """
     t0 = time.perf_counter()
     base, tokenizer = ws.base(arm.base)
@@ -226,8 +230,16 @@ def run_trial(ws: Workspace, arm, out_dir: Path, on_eval: Callable[[int, int, fl
                        "objective": objective, "eval_s": round(time.perf_counter() - e0, 3)})
         # Optuna's step: the point in the study's unit, in whole steps (pruner rungs are the same numbers)
         step = nominal[point.index] // tps * tps
+        if keeper is not None:
+            keeper.offer(variant, tokenizer, facts, points[-1])
         return bool(on_point(step, objective)) if on_point is not None else False
 
+    facts = {"n": n, "s": s, "params_total": params["total"], "params_active": params["active"],
+             "flops_per_token": flops_per_token, "peak_lr": train_cfg.lr, "seed": train_cfg.seed,
+             "data_order_seed": train_cfg.data_order_seed, "trainable": train_cfg.trainable,
+             "schedule": train_cfg.schedule}
+    if keeper is not None:
+        keeper.check_room(variant, tokenizer)  # before CPT: a study that cannot keep its variant stops now
     result = continue_pretraining(variant, data, train_cfg, on_eval=on_eval, on_point=evaluate_point,
                                   out_dir=out_dir, progress=ws.progress, cpu=str(ws.device) == "cpu",
                                   new_layers=new_layers)
@@ -300,12 +312,13 @@ class Objective:
     """``objective(trial) -> float``: the study's objective value of one sampled configuration."""
 
     def __init__(self, space: SearchSpace, workspace: Workspace, study_dir: Path, direction: str,
-                 worker: Worker | None = None):
+                 worker: Worker | None = None, keeper: Keeper | None = None):
         self.space = space
         self.ws = workspace
         self.study_dir = Path(study_dir)
         self.direction = direction
         self.worker = worker
+        self.keeper = keeper
 
     def __call__(self, trial: optuna.Trial) -> float:
         try:
@@ -358,13 +371,15 @@ class Objective:
             resolved = self.ws.config.model_dump(mode="json")
             atomic_write_text(folder / "config.yaml", yaml.safe_dump({"arm": arm.to_dict(), "study": resolved},
                                                                      sort_keys=False))
-            atomic_write_json(folder / "env.json", environment(str(self.ws.device)))
+            env = environment(str(self.ws.device))
+            atomic_write_json(folder / "env.json", env)
+            keeper = self.keeper.for_trial(self.ws, arm, trial, env) if self.keeper is not None else None
             try:
-                record = run_trial(self.ws, arm, folder, on_eval, on_point)
+                record = run_trial(self.ws, arm, folder, on_eval, on_point, keeper)
             except (KeyboardInterrupt, SystemExit):
                 raise  # not the configuration's fault: the trial stays unrecorded and runs again
             except Exception as exc:  # any failure of this configuration is recorded, the study goes on
-                if disk_full(exc):
+                if disk_full(exc) or isinstance(exc, NoRoom):
                     raise  # not the configuration's fault either: the study stops with one line, a rerun runs it
                 failure = one_line(exc, with_type=True)
                 record = {**arm.to_dict(), "status": "failed", "fail_reason": failure}
