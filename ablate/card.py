@@ -39,13 +39,13 @@ def rebuild_recipe(arm, src: str, n: int, base_config, plan=None, moe=None) -> t
     return "mergekit.yaml", mergekit_plan_yaml(src, plan, base_config)
 
 
-def comparison(frame, info: dict, direction: str) -> dict:
+def comparison(frame, info: dict, direction: str, gaps=None) -> dict:
     """The kept arm against the base control (DUS at m = n/2, same CPT) at the kept budget point.
 
     Returns ``{"role": "control"|"arm"|"none", ...}``: for an arm, the row of
     :func:`ablate.stats.paired_gaps` (mean paired difference, its 95% interval, pairs, verdict);
     for the control itself, its mean over repeats. ``frame`` is the study's budget table
-    (:func:`ablate.results.load_budgets` or the same rows).
+    (:func:`ablate.results.load_budgets` or the same rows); ``gaps``, its paired gaps when already computed.
     """
     from ablate.stats import paired_gaps
 
@@ -56,7 +56,8 @@ def comparison(frame, info: dict, direction: str) -> dict:
                      & (frame["budget"] == budget) & frame["state"].isin(["complete", "pruned"])]
         values = rows["objective"].dropna()
         return {"role": "control", "mean": float(values.mean()) if len(values) else None, "trials": len(values)}
-    gaps = paired_gaps(frame, "objective", direction) if len(frame) else None
+    if gaps is None:
+        gaps = paired_gaps(frame, "objective", direction) if len(frame) else None
     if gaps is None or not len(gaps):
         return {"role": "none"}
     m = arm.get("m")

@@ -201,8 +201,10 @@ class Keeper:
         control grow with the study), and remove a kept folder whose trial has failed since it was kept."""
         if self.mode == "none" or not self.root.is_dir():
             return
+        from ablate.stats import paired_gaps
+
         states = {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
-        frame = None
+        frame = gaps = None
         for folder in kept_folders(self.study_dir):
             clean_partials(folder.parent)
             with self.lock(folder):
@@ -214,8 +216,10 @@ class Keeper:
                     print(f"kept {folder.relative_to(self.study_dir)}: trial {info['trial']} failed after it was kept; "
                           "removed (the next trial of its configuration fills it)")
                     continue
-                frame = self._frame(study) if frame is None else frame
-                text = model_card(info, comparison(frame, info, self.direction))
+                if frame is None:  # once per refresh, for every card
+                    frame = self._frame(study)
+                    gaps = paired_gaps(frame, "objective", self.direction) if len(frame) else None
+                text = model_card(info, comparison(frame, info, self.direction, gaps))
                 readme = folder / "README.md"
                 with contextlib.suppress(OSError):
                     if readme.read_text(encoding="utf-8") == text:

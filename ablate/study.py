@@ -178,7 +178,9 @@ def _run(config, trials: int, plan: Plan, progress: bool, worker, storage, retry
     keeper = Keeper(study_dir, config, direction)  # --keep: the trained variants left behind (ablate.keep)
     objective = Objective(space, workspace, study_dir, direction, worker=worker,
                           keeper=keeper if config.keep != "none" else None)
-    callbacks = [_report, lambda s, t: write_csv(study_dir, s), lambda s, t: keeper.refresh(s)]
+    callbacks = [_report, lambda s, t: write_csv(study_dir, s)]
+    if config.keep == "best":  # the few best cards follow the study; --keep all's are refreshed at its end
+        callbacks.append(lambda s, t: keeper.refresh(s))
     if config.log_with:
         callbacks.append(TrialLogger(config.log_with, study_dir, config.name))
     total = len(space.arms())
