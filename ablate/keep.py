@@ -250,6 +250,7 @@ class Keeper:
         kept = {r["folder"]: r for r in rows}
         for (base, method, budget), g in done.groupby(["base", "method", "budget"]):
             best = g.loc[g["objective"].idxmin() if self.direction == "minimize" else g["objective"].idxmax()]
+            budget = int(budget) if float(budget).is_integer() else budget  # as the folder names it
             where = str(self.folder(SimpleNamespace(base=base, method=method), int(best["trial"]), budget)
                         .relative_to(self.study_dir))
             have = kept.get(where)
