@@ -379,6 +379,8 @@ class Objective:
             except (KeyboardInterrupt, SystemExit):
                 raise  # not the configuration's fault: the trial stays unrecorded and runs again
             except Exception as exc:  # any failure of this configuration is recorded, the study goes on
+                if isinstance(exc, NoRoom):  # the disk's doing: stop the study, the configuration runs again
+                    trial.set_user_attr("interrupted", True)
                 if disk_full(exc) or isinstance(exc, NoRoom):
                     raise  # not the configuration's fault either: the study stops with one line, a rerun runs it
                 failure = one_line(exc, with_type=True)

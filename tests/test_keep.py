@@ -116,6 +116,7 @@ def test_no_room_stops_before_training(home, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", str(path), "--trials", "2", "--out", str(tmp_path / "out"), "--quiet", "--keep", "none"])
     assert exit_info.value.code == 0 and len(read_records(trials.parent)) == 2
+    assert "died" not in capsys.readouterr().out  # the stopped trial is not charged as a dead worker
 
 
 def test_a_failed_save_leaves_the_kept_folder_as_it_was(tmp_path, tiny_tokenizer):
