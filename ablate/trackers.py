@@ -15,8 +15,8 @@ trial named ``trial-<number>``:
 The x axis of every series is CPT tokens, the unit budgets are stated in. Where the runs go:
 TensorBoard ``<study>/tensorboard/trial-<n>/`` (``tensorboard --logdir runs/<study>/tensorboard``);
 W&B project ``<study>`` with local files under the study folder (``WANDB_MODE=offline`` works
-without a network); MLflow experiment ``<study>`` wherever ``MLFLOW_TRACKING_URI`` points (default
-``./mlruns``). Each tracker is an optional extra; asking for one that is not installed stops the
+without a network); MLflow experiment ``<study>`` wherever ``MLFLOW_TRACKING_URI`` points (e.g.
+``sqlite:///mlflow.db``). Each tracker is an optional extra; asking for one that is not installed stops the
 study before it starts, with the ``pip install`` line.
 """
 

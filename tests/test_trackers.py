@@ -127,3 +127,37 @@ def test_no_tracker_files_without_log_with(finished):
     """``--keep none`` left no kept folder; only the asked-for tracker wrote files."""
     assert not (finished / "kept").exists() and not (finished / "wandb").exists()
     assert Path(finished / "tensorboard").is_dir()
+
+
+def test_wandb_offline_run(finished, monkeypatch):
+    """W&B (when installed): an offline run per trial, under the study folder, holding the loss curve."""
+    pytest.importorskip("wandb")
+    from ablate.trackers import TrialLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    number = next(n for n, r in read_records(finished).items() if r["method"] != "nocpt")
+    TrialLogger("wandb", finished, "tiny-study").log_trial(finished / "trials" / str(number), number, "complete")
+    runs = list((finished / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and b"cpt/train_loss" in runs[0].read_bytes() and b"final/objective" in runs[0].read_bytes()
+
+
+@pytest.mark.slow
+def test_mlflow_run(finished, tmp_path, monkeypatch):
+    """MLflow (when installed; about 13 s to create its database): the loss curve and the final metrics."""
+    pytest.importorskip("mlflow")
+    import mlflow
+
+    from ablate.trackers import TrialLogger
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    records = read_records(finished)
+    number = next(n for n, r in records.items() if r["method"] != "nocpt")
+    TrialLogger("mlflow", finished, "tiny-study").log_trial(finished / "trials" / str(number), number, "complete")
+    client = mlflow.tracking.MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("tiny-study").experiment_id])
+    lines = [json.loads(x) for x in (finished / "trials" / str(number) / "metrics.jsonl").read_text().splitlines()]
+    curve = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "cpt/train_loss")]
+    assert curve == [(r["tokens"], pytest.approx(r["train_loss"])) for r in lines if "train_loss" in r]
+    assert run.info.run_name == f"trial-{number}" and run.data.params["study.train.lr"] == "0.001"
+    assert run.data.metrics["final/val_loss"] == pytest.approx(records[number]["metrics"]["val_loss"])
