@@ -161,3 +161,28 @@ def test_a_kept_variant_whose_trial_failed_is_removed(kit, tmp_path, tiny_tokeni
     assert not folder.exists() and keep.kept_folders(tmp_path) == []
     assert not [p for p in folder.parent.iterdir() if p.name != ".locks"]  # no leftover beside it
     assert "trial 3 failed after it was kept; removed" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_two_workers_keep_the_best(kit, tmp_path):
+    """Two workers on one journal storage offer their variants to the same kept folders at once: each
+    folder ends with the best trial of its slot, complete, and no temporary beside it."""
+    from _studykit import finish
+
+    from ablate.check import check_study
+
+    config = kit.write(tmp_path, repeats=2)  # 9 configurations
+    args = ["--config", str(config), "--storage", f"journal:{tmp_path / 'shared.log'}", "--out", "runs",
+            "--trials", "9", "--quiet"]
+    workers = [kit.start(args, tmp_path) for _ in range(2)]
+    for done in [finish(w, timeout=400) for w in workers]:
+        assert done.returncode == 0, done.stderr
+    study_dir = tmp_path / "runs" / "tiny-study"
+    assert check_study(study_dir) == []
+    records = read_records(study_dir)
+    assert len(records) == 9
+    for method in ("dus", "moe"):
+        folder = study_dir / "kept" / "best" / "tiny" / method
+        assert json.loads((folder / "keep.json").read_text())["trial"] == _best(records, "tiny", method)
+        assert AutoModelForCausalLM.from_pretrained(folder).config.num_hidden_layers >= 4
+    assert not [p for p in (study_dir / "kept").rglob(".*") if p.name != ".locks" and p.parent.name != ".locks"]
