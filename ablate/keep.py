@@ -27,9 +27,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 import secrets
 import shutil
+import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -156,8 +158,9 @@ def folder_bytes(folder: Path) -> int:
 
 
 def _remove(folder: Path) -> None:
-    """Take a kept folder away in one rename, then delete it (a kill leaves a hidden leftover, never half)."""
-    aside = folder.with_name(f".{folder.name}.removed-{secrets.token_hex(4)}")
+    """Take a kept folder away in one rename, then delete it. A kill in between leaves a hidden leftover
+    named as :func:`ablate.fsutil.atomic_dir` names a replaced folder, which the next writer there removes."""
+    aside = folder.with_name(f".{folder.name}.old-{os.getpid()}@{socket.gethostname()}-{secrets.token_hex(4)}")
     with contextlib.suppress(FileNotFoundError):
         folder.rename(aside)
         shutil.rmtree(aside, ignore_errors=True)
