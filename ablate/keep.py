@@ -276,7 +276,8 @@ class Keeper:
         if rows:
             table = Table(title=f"Kept variants (--keep {self.mode}) in {self.study_dir / KEPT}", title_justify="left")
             for col in ("folder", "trial", "arm", "budget", "objective", "disk"):
-                table.add_column(col, justify="left" if col in ("folder", "arm") else "right")
+                table.add_column(col, justify="left" if col in ("folder", "arm") else "right",
+                                 overflow="fold")  # a path is read whole, never cut to "…"
             for r in rows:
                 arm = f"{r['method']}" + (f" m={r['m']}" if r["m"] is not None else "")
                 table.add_row(r["folder"], str(r["trial"]), arm, f"{r['budget']:,}", f"{r['objective']:.4f}",
