@@ -234,6 +234,17 @@ class StudyConfig(Strict):
     trust_remote_code: bool = Field(False, description="Allow hub models' own code (off: only transformers' "
                                     "built-in architectures run). Takes effect only with --trust-remote-code "
                                     "on the command line, so a config file alone never runs code.")
+    # What a run leaves behind, not what it measures: excluded from the recorded config (study.json,
+    # the storage's copy), so a rerun may change them and every study from before them continues.
+    keep: Literal["best", "all", "none"] = Field("best", exclude=True, description="Trained variants saved as "
+                                                 "Hugging Face checkpoints with a model card under <study>/kept/: "
+                                                 "best (per base, operator and budget point, the best trial's, "
+                                                 "replaced by a better one), all (every trial's) or none "
+                                                 "(--keep on the command line).")
+    log_with: Literal["tensorboard", "wandb", "mlflow"] | None = Field(
+        None, exclude=True, description="Experiment tracker each trial is logged to through accelerate: its "
+        "CPT curves, budget points' scores, final metrics and config (--log-with; needs the extra of the same "
+        "name, pip install 'ablate[tensorboard]').")
 
     @field_validator("name")
     @classmethod

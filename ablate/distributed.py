@@ -31,7 +31,7 @@ import torch.distributed as dist
 from ablate.errors import UserError
 
 __all__ = ["Group", "GroupLost", "launched", "setup", "is_main", "rank", "world", "share", "shard",
-           "save_full_checkpoint", "backend_for"]
+           "save_full_checkpoint", "full_state_dict", "sharded", "plain_architecture", "backend_for"]
 
 # Collectives wait this long for a peer (NCCL's default of 10 minutes would hide a hung rank for long;
 # a CPT step of a 10B model is seconds). Gloo notices a dead peer at once (its socket closes).
@@ -179,31 +179,48 @@ def shard(model: torch.nn.Module, device: torch.device, precision: str) -> torch
     return model
 
 
+def sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s parameters are FSDP2 shards (DTensors): gathering them is a collective."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_state_dict(model: torch.nn.Module) -> dict | None:
+    """``model``'s full state dict on rank 0's host, None on the other ranks; every rank calls it.
+
+    A sharded model is gathered tensor by tensor (``full_state_dict=True, cpu_offload=True``: one full
+    copy in rank 0's host memory, none elsewhere); a plain one (one process, or a ddp replica) is copied
+    to the host by rank 0 alone.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if sharded(model):
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if is_main() else None
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()} if is_main() else None
+
+
+def plain_architecture(model: torch.nn.Module) -> str:
+    """The class name a checkpoint of ``model`` is loaded with: FSDP2 renames it ``FSDP<Class>`` once sharded."""
+    return next(c for c in type(model).__mro__
+                if not c.__name__.startswith("FSDP") and hasattr(c, "config_class")).__name__
+
+
 def save_full_checkpoint(model: torch.nn.Module, tokenizer, folder: str | Path) -> Path | None:
     """Gather a sharded (FSDP2) or plain ``model`` into one Hugging Face checkpoint in ``folder``.
 
-    Every rank calls it (for a sharded model the gathering is collective). The full state dict is
-    gathered tensor by tensor into rank 0's host memory (``full_state_dict=True, cpu_offload=True``:
-    one full copy there, none on the other ranks), and rank 0 writes ``config.json``, safetensors
-    weights and the tokenizer. Returns the folder on rank 0, None elsewhere. A plain model (one
-    process, or a ddp replica: every rank holds all of it) is written by rank 0 from its own copy.
-    The checkpoint loads with ``AutoModelForCausalLM``.
+    Every rank calls it (for a sharded model the gathering is collective, see :func:`full_state_dict`),
+    and rank 0 writes ``config.json``, safetensors weights and the tokenizer. Returns the folder on
+    rank 0, None elsewhere. The checkpoint loads with ``AutoModelForCausalLM``.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from torch.distributed.tensor import DTensor
-
-    if any(isinstance(p, DTensor) for p in model.parameters()):
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    elif is_main():
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = full_state_dict(model)
     if not is_main():
         return None
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, state_dict=state, safe_serialization=True)
-    # transformers names the architecture after the instance's class, FSDPLlamaForCausalLM once sharded
-    plain = next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP") and hasattr(c, "config_class"))
-    model.config.architectures = [plain.__name__]
+    model.config.architectures = [plain_architecture(model)]  # save_pretrained wrote FSDP<Class>
     model.config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)

@@ -27,7 +27,7 @@ from ablate.base import MOE_FAMILIES
 from ablate.errors import UserError, cli
 from ablate.exportcli import export_parser, run_export
 
-__all__ = ["SUPPORTED", "moe_config", "router_init", "upcycle", "export_upcycled", "main"]
+__all__ = ["SUPPORTED", "moe_config", "router_init", "upcycle", "export_upcycled", "mergekit_moe_yaml", "main"]
 
 SUPPORTED = MOE_FAMILIES  # one list, kept by the base resolver
 # Mixtral-8x7B's released config uses 0.02 for the load-balancing loss (HF's class
@@ -160,7 +160,6 @@ def export_upcycled(src: str, num_experts: int, top_k: int, out: str, *, seed: i
                     progress: bool = True) -> dict:
     """Write upcycle(src) as a complete HF checkpoint in ``out`` by streaming tensors."""
     import torch
-    import yaml
 
     _check_experts(num_experts, top_k)
     source = export.resolve_source(src)
@@ -186,21 +185,28 @@ def export_upcycled(src: str, num_experts: int, top_k: int, out: str, *, seed: i
         data = routers[i].to(dtype).contiguous().view(torch.uint8).numpy().tobytes()
         tensors[f"model.layers.{i}.block_sparse_moe.gate.weight"] = export.TensorBytes(
             dtype_code, (num_experts, config.hidden_size), data)
+    record = {"method": "moe", "source": src, "n": config.num_hidden_layers, "experts": num_experts,
+              "top_k": top_k, "seed": seed, "router_std": std}
+    export.write_checkpoint(source, out, config, tensors,
+                            extra_files={"mergekit-moe.yaml": mergekit_moe_yaml(src, num_experts, top_k, config)},
+                            record=record, force=force, max_shard_size=max_shard_size, progress=progress)
+    return record
+
+
+def mergekit_moe_yaml(src: str, num_experts: int, top_k: int, config) -> str:
+    """The mergekit-moe recipe of upcycle(src): ``mergekit-moe mergekit-moe.yaml OUT``."""
+    import yaml
+
     recipe = {
         "base_model": src,
         "gate_mode": "random",
-        "dtype": str(config.dtype or "float32").removeprefix("torch."),
+        "dtype": str(getattr(config, "dtype", None) or "float32").removeprefix("torch."),
         "experts_per_token": top_k,
         "experts": [{"source_model": src} for _ in range(num_experts)],
     }
     head = (f"# Mixtral-style upcycle of {src}: {num_experts} experts, top-{top_k}. "
             "Rebuild with mergekit-moe (its random gate is N(0,1), not ablate's N(0, initializer_range^2)).\n")
-    record = {"method": "moe", "source": src, "n": config.num_hidden_layers, "experts": num_experts,
-              "top_k": top_k, "seed": seed, "router_std": std}
-    export.write_checkpoint(source, out, config, tensors,
-                            extra_files={"mergekit-moe.yaml": head + yaml.safe_dump(recipe, sort_keys=False)},
-                            record=record, force=force, max_shard_size=max_shard_size, progress=progress)
-    return record
+    return head + yaml.safe_dump(recipe, sort_keys=False)
 
 
 @cli

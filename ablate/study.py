@@ -34,12 +34,14 @@ from ablate import distributed
 from ablate.config import load_study_config
 from ablate.errors import UserError, cli
 from ablate.fsutil import atomic_dir, atomic_write_json
+from ablate.keep import Keeper
 from ablate.preflight import Plan, preflight, resolve_device
 from ablate.results import write_csv
 from ablate.search import SearchSpace, enqueue_controls, make_pruner, make_sampler, requeue_lost, retried, retry_failed
 from ablate.storage import WORKER_ATTR, Worker, open_storage
 from ablate.summary import describe_arm, print_summary
 from ablate.synthetic import write_eval_tasks
+from ablate.trackers import TrialLogger, check_installed
 from ablate.train import plan_budget
 from ablate.trial import Objective, TrialFailed, Workspace, run_trial
 
@@ -119,6 +121,7 @@ def run_study(config, *, trials: int, out: str | Path = "runs", storage: str | N
     if trials < 1:
         raise UserError(f"--trials {trials}: a study needs at least one trial")
     out = Path(out).expanduser()
+    check_installed(config.log_with)  # a missing tracker fails before anything is written
     if not progress:
         _quiet_libraries()
     group = distributed.setup(resolve_device(device))  # None unless torchrun / accelerate launch started us
@@ -222,7 +225,14 @@ def _run(config, trials: int, plan: Plan, progress: bool, worker, storage, retry
         except FileExistsError:  # another worker wrote them first (the same files)
             pass
     workspace = Workspace(config, plan.device, tasks_dir if config.eval.synthetic_tasks else None, progress=progress)
-    objective = Objective(space, workspace, study_dir, direction, worker=worker, group=group)
+    keeper = Keeper(study_dir, config, direction)  # --keep: the trained variants left behind (ablate.keep)
+    objective = Objective(space, workspace, study_dir, direction, worker=worker, group=group,
+                          keeper=keeper if config.keep != "none" else None)
+    callbacks = [_report, lambda s, t: write_csv(study_dir, s)]
+    if config.keep == "best":  # the few best cards follow the study; --keep all's are refreshed at its end
+        callbacks.append(lambda s, t: keeper.refresh(s))
+    if config.log_with:
+        callbacks.append(TrialLogger(config.log_with, study_dir, config.name))
     total = len(space.arms())
     with worker.sampling():
         enqueue_controls(study, space)
@@ -246,12 +256,14 @@ def _run(config, trials: int, plan: Plan, progress: bool, worker, storage, retry
                     break
                 if progress:
                     print(f"trial {done + running + 1}/{trials} of study {config.name!r}")
-                study.optimize(objective, n_trials=1, catch=(TrialFailed,),
-                               callbacks=[_report, lambda s, t: write_csv(study_dir, s)])
+                study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=callbacks)
     finally:
         with contextlib.suppress(Exception):  # also after Ctrl-C: the table shows the interrupted trial
             write_csv(study_dir, study)
-    return print_summary(study, space, study_dir)
+    keeper.refresh(study)
+    summary = print_summary(study, space, study_dir)
+    keeper.print_report(study)
+    return summary
 
 
 def _interrupt(signum, frame):
@@ -268,6 +280,7 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
                "  python -m ablate.study --trials 20\n"
                "  python -m ablate.study --config studies/smoke.yaml --trials 3 --out /tmp/runs\n"
                "  python -m ablate.study --set train.lr=1e-3 --set repeats=3 --trials 40\n"
+               "  ablate study --keep all --log-with tensorboard --trials 20\n"
                "  python -m ablate.study --storage journal:runs/shared.log --trials 40   # several workers",
     )
     parser.add_argument("--trials", type=int, default=20,
@@ -285,6 +298,12 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1")
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampler and of training (default: config)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--keep", default=None, metavar="best|all|none",
+                        help="trained variants kept as Hugging Face checkpoints with a model card in <study>/kept/: "
+                             "best per base, operator and budget point (default), all, or none")
+    parser.add_argument("--log-with", default=None, metavar="tensorboard|wandb|mlflow",
+                        help="log every trial (CPT curves, budget points, final metrics, config) to this tracker; "
+                             "needs pip install 'ablate[NAME]'")
     parser.add_argument("--retry-failed", action="store_true",
                         help="run again the configurations whose trials failed for a reason of their own (a "
                              "diverged loss, a broken variant); a killed trial's configuration always runs again")
@@ -299,6 +318,10 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         overrides.append(f"name={args.study}")
     if args.seed is not None:
         overrides += [f"sampler.seed={args.seed}", f"train.seed={args.seed}"]
+    if args.keep is not None:
+        overrides.append(f"keep={args.keep}")
+    if args.log_with is not None:
+        overrides.append(f"log_with={args.log_with}")
     config = load_study_config(args.config, overrides)
     # SIGTERM (a scheduler's preemption, `kill PID`) ends the run like Ctrl-C: the trial cut short is
     # recorded as interrupted, not as a crash of its configuration

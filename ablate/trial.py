@@ -41,6 +41,7 @@ from ablate.data import load_packed, tokenizer_fingerprint
 from ablate.errors import disk_full, one_line
 from ablate.evaluate import evaluate, perplexity
 from ablate.fsutil import atomic_dir, atomic_write_json, atomic_write_text
+from ablate.keep import Keeper, NoRoom, TrialKeeper
 from ablate.moe import upcycle
 from ablate.objective import objective_value
 from ablate.params import count_params, training_flops_per_token
@@ -185,7 +186,7 @@ def _evaluate(ws: Workspace, model, tokenizer, data, per_item: dict | None = Non
 
 
 def run_trial(ws: Workspace, arm, out_dir: Path | None, on_eval: Callable[[int, int, float], bool] | None = None,
-              on_point: Callable[[int, float], bool] | None = None) -> dict:
+              on_point: Callable[[int, float], bool] | None = None, keeper: TrialKeeper | None = None) -> dict:
     """Build, train and evaluate ``arm``; return its record (see :mod:`ablate.results` for the fields).
 
     Every budget point of the CPT run (one under schedule cosine, each of ``train.budgets`` under
@@ -195,6 +196,10 @@ def run_trial(ws: Workspace, arm, out_dir: Path | None, on_eval: Callable[[int, 
     and the points it reached. A non-finite loss raises :class:`TrialFailed`. Method ``nocpt`` is the
     base evaluated as it is: no surgery, no CPT, one point at 0 tokens. ``out_dir`` None writes nothing
     (the ranks > 0 of a worker of several processes: rank 0 writes the records).
+
+    ``keeper`` (:mod:`ablate.keep`, rank 0 only) checks before CPT that a kept checkpoint fits on its
+    disk and is offered the variant at every budget point, once the point is evaluated. A variant
+    sharded over a worker's processes is gathered by all of them first, when rank 0 will keep it.
     """
     t0 = time.perf_counter()
     base, tokenizer = ws.base(arm.base)
@@ -232,9 +237,16 @@ def run_trial(ws: Workspace, arm, out_dir: Path | None, on_eval: Callable[[int, 
                        "objective": objective, "eval_s": round(time.perf_counter() - e0, 3)})
         # Optuna's step: the point in the study's unit, in whole steps (pruner rungs are the same numbers)
         step = nominal[point.index] // tps * tps
+        _offer(keeper, variant, tokenizer, facts, points[-1])
         stop = bool(on_point(step, objective)) if on_point is not None else False
         return distributed.share(stop)  # rank 0's pruner decides for every rank of a worker
 
+    facts = {"n": n, "s": s, "params_total": params["total"], "params_active": params["active"],
+             "flops_per_token": flops_per_token, "peak_lr": train_cfg.lr, "seed": train_cfg.seed,
+             "data_order_seed": train_cfg.data_order_seed, "trainable": train_cfg.trainable,
+             "schedule": train_cfg.schedule}
+    if keeper is not None:
+        keeper.check_room(variant, tokenizer)  # before CPT: a study that cannot keep its variant stops now
     result = continue_pretraining(variant, data, train_cfg, on_eval=on_eval, on_point=evaluate_point,
                                   out_dir=out_dir, progress=ws.progress, cpu=str(ws.device) == "cpu",
                                   new_layers=new_layers)
@@ -272,6 +284,23 @@ def run_trial(ws: Workspace, arm, out_dir: Path | None, on_eval: Callable[[int, 
     return record
 
 
+def _offer(keeper: TrialKeeper | None, variant, tokenizer, facts: dict, point: dict) -> None:
+    """Offer ``point``'s variant to rank 0's keeper (the other ranks of a worker have none).
+
+    A variant sharded over the worker's processes (FSDP) is gathered by every rank, a collective, and
+    only when rank 0's keeper will write it: most points of a ``--keep best`` study keep nothing.
+    """
+    if not distributed.sharded(variant):
+        if keeper is not None:
+            keeper.offer(variant, tokenizer, facts, point)
+        return
+    if not distributed.share(keeper is not None and keeper.wants(point)):
+        return
+    state = distributed.full_state_dict(variant)  # the full tensors on rank 0's host, None elsewhere
+    if keeper is not None:
+        keeper.offer(variant, tokenizer, facts, point, state_dict=state)
+
+
 def _no_cpt_record(ws: Workspace, arm, base, tokenizer, data, t0: float, out_dir: Path) -> dict:
     """The reference every study has: the base as it is, no CPT, scored like every arm."""
     params = count_params(base)
@@ -307,13 +336,14 @@ class Objective:
     """``objective(trial) -> float``: the study's objective value of one sampled configuration."""
 
     def __init__(self, space: SearchSpace, workspace: Workspace, study_dir: Path, direction: str,
-                 worker: Worker | None = None, group: distributed.Group | None = None):
+                 worker: Worker | None = None, group: distributed.Group | None = None, keeper: Keeper | None = None):
         self.group = group  # rank 0 of a worker of several processes: the others run each arm it sends
         self.space = space
         self.ws = workspace
         self.study_dir = Path(study_dir)
         self.direction = direction
         self.worker = worker
+        self.keeper = keeper
 
     def __call__(self, trial: optuna.Trial) -> float:
         try:
@@ -372,13 +402,17 @@ class Objective:
             resolved = self.ws.config.model_dump(mode="json")
             atomic_write_text(folder / "config.yaml", yaml.safe_dump({"arm": arm.to_dict(), "study": resolved},
                                                                      sort_keys=False))
-            atomic_write_json(folder / "env.json", environment(str(self.ws.device)))
+            env = environment(str(self.ws.device))
+            atomic_write_json(folder / "env.json", env)
+            keeper = self.keeper.for_trial(self.ws, arm, trial, env) if self.keeper is not None else None
             try:
-                record = run_trial(self.ws, arm, folder, on_eval, on_point)
+                record = run_trial(self.ws, arm, folder, on_eval, on_point, keeper)
             except (KeyboardInterrupt, SystemExit, distributed.GroupLost):
                 raise  # not the configuration's fault: the trial stays unrecorded and runs again
             except Exception as exc:  # any failure of this configuration is recorded, the study goes on
-                if disk_full(exc):
+                if isinstance(exc, NoRoom):  # the disk's doing: stop the study, the configuration runs again
+                    trial.set_user_attr("interrupted", True)
+                if disk_full(exc) or isinstance(exc, NoRoom):
                     raise  # not the configuration's fault either: the study stops with one line, a rerun runs it
                 failure = one_line(exc, with_type=True)
                 record = {**arm.to_dict(), "status": "failed", "fail_reason": failure}

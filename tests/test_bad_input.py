@@ -277,6 +277,12 @@ CASES += [  # issue 16: layer plans on the export command (the base has 4 layers
     Case("study-operator-that-is-dus", "study", study("--set", "methods.operators=[solar(1)]"),
          "solar(1) is DUS: set methods.dus: true and list m=1 in bases[].m"),
 ]
+CASES += [  # issue 17: kept variants and trackers (a tracker that is not installed: tests/test_trackers.py)
+    Case("keep-unknown-value", "study", study("--keep", "bestest"),
+         "keep: Input should be 'best', 'all' or 'none' (got 'bestest')"),
+    Case("log-with-unknown-tracker", "study", study("--log-with", "tensorbored"),
+         "log_with: Input should be 'tensorboard', 'wandb' or 'mlflow' (got 'tensorbored')"),
+]
 YAML_BOMB = ("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefghi", "bcdefghij", strict=False))).encode()
 

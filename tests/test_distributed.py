@@ -24,10 +24,12 @@ from pathlib import Path
 import pytest
 import torch
 from _studykit import finished_arms, load_trials
+from transformers import AutoModelForCausalLM
 
 from ablate import distributed
 from ablate.config import load_study_config
 from ablate.errors import UserError
+from ablate.keep import kept_folders
 from ablate.study import run_study
 
 TESTS = Path(__file__).parent
@@ -112,6 +114,17 @@ def test_a_study_worker_of_two_processes_matches_one_process(home, tmp_path):
         if a["method"] != "nocpt":
             _same_losses(_metrics(two / "trials" / number / "metrics.jsonl"),
                          _metrics(one / "trials" / number / "metrics.jsonl"))
+    # --keep best (the default): rank 0 writes the variant gathered from the shards, a plain checkpoint
+    # that loads as the one process's kept variant does and gives its logits
+    kept = sorted(p.relative_to(two) for p in kept_folders(two))
+    assert kept and kept == sorted(p.relative_to(one) for p in kept_folders(one))
+    ids = torch.arange(1, 17).reshape(2, 8)
+    for folder in kept:
+        architectures = [json.loads((d / folder / "config.json").read_text())["architectures"] for d in (two, one)]
+        assert architectures[0] == architectures[1] and not architectures[0][0].startswith("FSDP")
+        with torch.no_grad():
+            got, want = (AutoModelForCausalLM.from_pretrained(d / folder).eval()(ids).logits for d in (two, one))
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (folder, (got - want).abs().max())
 
 
 def _same_losses(got: list[dict], expected: list[dict]) -> None:

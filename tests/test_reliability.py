@@ -276,7 +276,7 @@ def test_a_full_disk_stops_the_study_in_one_line_and_charges_no_configuration(ho
     config = home.write(tmp_path / "configs")
     real = trial_module.run_trial
 
-    def full(ws, arm, out_dir, on_eval=None, on_point=None):
+    def full(ws, arm, out_dir, on_eval=None, on_point=None, keeper=None):
         raise OSError(errno.ENOSPC, "No space left on device", str(out_dir / "metrics.jsonl"))
 
     monkeypatch.setattr(trial_module, "run_trial", full)
