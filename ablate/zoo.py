@@ -25,8 +25,10 @@ studies/LOG.md, 2026-12-02 "Measurements formerly in module docstrings", part "Z
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -42,7 +44,7 @@ from ablate.fsutil import ablate_home, atomic_dir, atomic_write_json
 from ablate.synthetic import DEFAULT_LEVELS, accuracy, chance_level, eval_items, iter_documents
 
 __all__ = ["ZooSpec", "ZOO", "zoo_dir", "is_built", "build", "spec_of", "data_args", "zoo_tokenizer",
-           "model_config", "micro_spec"]
+           "model_config", "micro_spec", "recipe_of", "shipped", "install_shipped", "ship"]
 
 ZOO_VERSION = 1  # bump when builds of unchanged specs would differ (e.g. the corpus changed)
 # Closed vocabulary: ~100 words, 10 digits, a few letters and signs. At 512 the BPE merges run
@@ -85,7 +87,16 @@ class ZooSpec(BaseModel):
                                  "low-noise gradients.")
     micro_batch_size: int = Field(8, gt=0, description="Rows per forward pass.")
     lr: float = Field(gt=0, description="Peak learning rate, tuned per architecture.")
-    warmup: float = Field(0.05, ge=0, lt=1, description="Warmup as a fraction of the steps.")
+    warmup: float = Field(0.05, ge=0, lt=1, description="schedule cosine: warmup as a fraction of the steps.")
+    schedule: Literal["cosine", "wsd"] = Field("cosine", description="cosine: warmup, then cosine decay. wsd: "
+                                               "warmup_tokens of warmup, the peak lr, and a 1-sqrt decay over "
+                                               "the last `cooldown` share: a build at T tokens is, bit for bit on "
+                                               "a CPU, the T-token point of one longer wsd run, which is how one "
+                                               "run gives a base's learning curve (studies/probes/pretrain_curve.py).")
+    warmup_tokens: int | None = Field(None, ge=0, description="schedule wsd: warmup in tokens.")
+    cooldown: float = Field(0.2, gt=0, lt=1, description="schedule wsd: the decay's share of the steps.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="Compute precision of the build; "
+                                                       "fp32 for a shipped build, so a rebuild is the same bits.")
     seed: int = Field(0, ge=0, description="Seed of the initial weights and the training order.")
     data_seed: int = Field(1_000, ge=0, description="Seed of the pretraining documents: not the "
                            "study's data seed (0), so CPT reads documents the base never saw.")
@@ -122,6 +133,75 @@ def micro_spec(name: str = "micro", **overrides) -> ZooSpec:
 
 def zoo_dir(name: str) -> Path:
     return ablate_home() / "zoo" / name
+
+
+# Builds shipped with the package (package data): a study copies one into zoo_dir instead of
+# pretraining, when its zoo.json names the same spec and zoo version; `python -m ablate.zoo build
+# NAME --force` still pretrains it from the recipe (and gives the same bits on the same kind of CPU).
+SHIPPED = Path(__file__).parent / "zoo_weights"
+SHIPPED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                 "tokenizer_config.json", "zoo.json")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shipped(spec: ZooSpec) -> Path | None:
+    """The package's own build of ``spec``, or None when it ships none for this spec and zoo version."""
+    meta = SHIPPED / spec.name / "zoo.json"
+    if not meta.is_file():
+        return None
+    info = json.loads(meta.read_text())
+    if info.get("zoo_version") != ZOO_VERSION or info.get("spec") != spec.model_dump():
+        return None
+    return meta.parent
+
+
+def install_shipped(spec: ZooSpec) -> bool:
+    """Copy the shipped build of ``spec`` into its zoo folder, each file checked against its sha256;
+    False (nothing done) when none ships. A damaged shipped file is a one-line error."""
+    source = shipped(spec)
+    if source is None:
+        return False
+    info = json.loads((source / "zoo.json").read_text())
+    for name, digest in info["sha256"].items():
+        if not (source / name).is_file() or _sha256(source / name) != digest:
+            raise UserError(f"the build of {spec.name} shipped with ablate is damaged ({name} does not match the "
+                            f"sha256 in its zoo.json); reinstall ablate, or pretrain it here with "
+                            f"python -m ablate.zoo build {spec.name} --force")
+    final = zoo_dir(spec.name)
+    try:
+        with atomic_dir(final, overwrite=final.exists()) as tmp:
+            for path in source.iterdir():
+                if path.is_file():
+                    shutil.copy2(path, tmp / path.name)
+    except OSError:  # another process put the same build in place first
+        if not is_built(spec):
+            raise
+    return True
+
+
+def ship(spec: ZooSpec, folder: Path | None = None) -> Path:
+    """Write the build of ``spec`` in ``folder`` (default: its zoo folder) into the package's shipped
+    builds, with the sha256 of each file in its zoo.json (for maintainers: the wheel then carries it)."""
+    folder = Path(folder) if folder is not None else zoo_dir(spec.name)
+    info = json.loads((folder / "zoo.json").read_text())
+    if info.get("zoo_version") != ZOO_VERSION or info.get("spec") != spec.model_dump():
+        raise UserError(f"{folder} is not a build of the current {spec.name} spec; rebuild it with "
+                        f"python -m ablate.zoo build {spec.name} --force")
+    names = [n for n in SHIPPED_FILES if n != "zoo.json" and (folder / n).is_file()]
+    info["sha256"] = {n: _sha256(folder / n) for n in names}
+    target = SHIPPED / spec.name
+    with atomic_dir(target, overwrite=target.exists()) as tmp:
+        for name in names:
+            shutil.copy2(folder / name, tmp / name)
+        atomic_write_json(tmp / "zoo.json", info)
+    return target
 
 
 def is_built(name: str | ZooSpec) -> bool:
@@ -185,6 +265,8 @@ def build(name: str | ZooSpec, *, force: bool = False, progress: bool = True,
     built = is_built(spec)
     if built and not force:
         return final
+    if not force and install_shipped(spec):
+        return final
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -212,9 +294,7 @@ def _build(spec: ZooSpec, final: Path, progress: bool, on_step=None) -> Path:
     config.eos_token_id = config.pad_token_id = tokenizer.eos_token_id
     config.bos_token_id = tokenizer.bos_token_id
     model = AutoModelForCausalLM.from_config(config)
-    recipe = train.TrainConfig(tokens=spec.train_tokens, micro_batch_size=spec.micro_batch_size,
-                        tokens_per_step=spec.tokens_per_step, lr=spec.lr, warmup=spec.warmup,
-                        seed=spec.seed, eval_every=10**9, eval_rows=data.val.shape[0])
+    recipe = recipe_of(spec, data.val.shape[0])
     # replaces a build of another spec or zoo version (or any, with force) once the new one is complete
     with atomic_dir(final, overwrite=final.exists()) as tmp:
         if progress:
@@ -235,6 +315,14 @@ def _build(spec: ZooSpec, final: Path, progress: bool, on_step=None) -> Path:
             "wall_s": time.perf_counter() - start, "precision": result.precision,
             "torch_threads": torch.get_num_threads()})
     return final
+
+
+def recipe_of(spec: ZooSpec, eval_rows: int):
+    """The :class:`ablate.train.TrainConfig` that pretrains ``spec`` (``eval_rows``: its held-out rows)."""
+    return train.TrainConfig(tokens=spec.train_tokens, micro_batch_size=spec.micro_batch_size,
+                             tokens_per_step=spec.tokens_per_step, lr=spec.lr, warmup=spec.warmup,
+                             schedule=spec.schedule, warmup_tokens=spec.warmup_tokens, cooldown=spec.cooldown,
+                             precision=spec.precision, seed=spec.seed, eval_every=10**9, eval_rows=eval_rows)
 
 
 def data_args(spec: ZooSpec) -> dict:
