@@ -214,7 +214,8 @@ def _build(spec: ZooSpec, final: Path, progress: bool, on_step=None) -> Path:
     model = AutoModelForCausalLM.from_config(config)
     recipe = train.TrainConfig(tokens=spec.train_tokens, micro_batch_size=spec.micro_batch_size,
                         tokens_per_step=spec.tokens_per_step, lr=spec.lr, warmup=spec.warmup,
-                        seed=spec.seed, eval_every=10**9, eval_rows=data.val.shape[0])
+                        seed=spec.seed, eval_every=10**9, eval_early=0,
+                        eval_rows=data.val.shape[0])
     # replaces a build of another spec or zoo version (or any, with force) once the new one is complete
     with atomic_dir(final, overwrite=final.exists()) as tmp:
         if progress:
