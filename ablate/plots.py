@@ -240,6 +240,12 @@ def _m_ticks(ax, n: int, values) -> None:
     ax.set_xlabel("layers removed from each copy, m")
 
 
+def _shared_ylabel(fig, label: str) -> None:
+    """One y label for every panel of ``fig`` (panels that share the quantity on y), centred on the figure's
+    height: a label as long as two panels, where each panel's own label ran past its panel into the title."""
+    fig.supylabel(wrap(label, 60), fontsize=FONT_PT)
+
+
 def _legend(fig, ncols: int = 1) -> None:
     handles = {}
     for ax in fig.axes:
@@ -381,7 +387,7 @@ def score_vs_params(df, *, column: str = "objective", label: str = "objective", 
             ax.scatter(xs, ys, s=80, facecolors="none", edgecolors="black", lw=0.7, zorder=4)
             _log_x(ax)
             ax.set_xlabel(f"{'total' if size == 'params_total' else 'active'} parameters (log scale)")
-            ax.set_ylabel(wrap(label))
+        _shared_ylabel(fig, label)
         axes[0].set_title("numbers: m of each DUS variant", fontsize=FONT_PT - 1, color="0.3")
         _legend(fig)
         finish(fig)
@@ -709,7 +715,7 @@ def score_vs_flops(points, *, column: str = "objective", label: str = "objective
             _log_x(ax)
             ax.set_xlabel("CPT training FLOPs (log scale)" if size == "flops" else
                           "inference FLOPs per token (log scale)")
-            ax.set_ylabel(wrap(label))
+        _shared_ylabel(fig, label)
         axes[0].set_title("lines join an arm's budget points", fontsize=FONT_PT - 1, color="0.3")
         axes[1].set_title("at the last budget point; numbers: m (DUS)", fontsize=FONT_PT - 1,
                           color="0.3")

@@ -307,3 +307,50 @@ def test_budget_figures_say_why_when_there_is_nothing_to_draw():
     assert "not enough trials" in _texts(plots.gap_vs_budget(alone))
     assert "not enough trials" not in _texts(plots.score_vs_budget(alone))
     assert "not enough trials" not in _texts(plots.best_m_vs_budget(alone))
+
+
+LONG_LABEL = "held-out loss (nats/token) (lower is better)"  # objective_label's for a val_loss study
+
+
+def _drawn(fig):
+    """``fig`` laid out and drawn on an Agg canvas; its renderer."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    return fig.canvas.get_renderer()
+
+
+def _label_clashes(fig) -> list[str]:
+    """Each y label that runs off the figure or into a title, an x label or another y label, after layout."""
+    renderer = _drawn(fig)
+    every = [a for ax in fig.axes for a in (ax, *ax.child_axes)]
+    ylabels = [ax.yaxis.label for ax in every if ax.yaxis.label.get_text() and ax.yaxis.label.get_visible()]
+    ylabels += [fig._supylabel] if fig._supylabel is not None else []
+    others = [t for ax in every for t in (ax.title, ax.xaxis.label) if t.get_text()]
+    box = fig.bbox
+    out = []
+    for i, label in enumerate(ylabels):
+        b = label.get_window_extent(renderer)
+        if b.x0 < box.x0 - 1 or b.y0 < box.y0 - 1 or b.x1 > box.x1 + 1 or b.y1 > box.y1 + 1:
+            out.append(f"{label.get_text()!r} runs off the figure")
+        out += [f"{label.get_text()!r} overlaps {t.get_text()!r}" for t in others + ylabels[i + 1:]
+                if b.overlaps(t.get_window_extent(renderer))]
+    return out
+
+
+def test_y_labels_never_overlap_titles_or_each_other(full_study):
+    """A long objective label (a val_loss study's) on the two-panel figures ran past its panel into the
+    title above and the other panel's label."""
+    from ablate.figures import load_points
+    from ablate.results import load
+
+    df = load(full_study)
+    df = df[df["state"] != "running"].reset_index(drop=True)
+    points = load_points(full_study, df)
+    figures = {"score_vs_params": plots.score_vs_params(df, label=LONG_LABEL, direction="minimize"),
+               "score_vs_flops": plots.score_vs_flops(points, label=LONG_LABEL, direction="minimize"),
+               "score_vs_m": plots.score_vs_m(df, label=LONG_LABEL, direction="minimize")}
+    for name, fig in figures.items():
+        assert _label_clashes(fig) == [], name
+    assert figures["score_vs_params"]._supylabel.get_text().replace("\n", " ") == LONG_LABEL  # said once
