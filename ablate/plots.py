@@ -732,6 +732,7 @@ def redundancy(distances: dict[str, list[float]], best: dict[str, int | None] | 
         return message_figure("layer redundancy", "no base model measured")
     colours = palette()
     best = best or {}
+    base_best = False
     with style():
         fig, (ax,) = _figure(1, height=2.4)
         for i, (base, d) in enumerate(distances.items()):
@@ -747,12 +748,19 @@ def redundancy(distances: dict[str, list[float]], best: dict[str, int | None] | 
                 if drop:
                     ax.plot(x[drop], np.asarray(d)[drop], marker="x", ms=5, color=c, ls="none", zorder=4)
                     note += f": layers {drop[0]}–{drop[-1]} dropped"
+                if not dup and not drop:  # m = n/2: DUS gives the base back, each layer once
+                    ax.plot(x, d, marker="s", ms=4.5, color=c, mec="black", mew=0.4, ls="none", zorder=4,
+                            gid="base-best")
+                    note += " = n/2: the unchanged base is best"
+                    base_best = True
             ax.plot(x, d, color=c, marker="o", ms=4, mfc="white", lw=1, zorder=3, label=f"{base}{note}")
         ax.set_xlabel("decoder layer of the base model")
         ax.set_ylabel(wrap("angular distance, input to output (arccos(cos)/π)", 30))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(bottom=0)
-        ax.set_title("filled: used twice by DUS at the best m; x: dropped", fontsize=FONT_PT - 1, color="0.3")
+        ax.set_title("filled: used twice by DUS at the best m; x: dropped" +
+                     ("\nsquares: the best m is n/2, the base itself (no layer twice or dropped)" if base_best
+                      else ""), fontsize=FONT_PT - 1, color="0.3")
         _legend(fig)
         finish(fig)
     return fig

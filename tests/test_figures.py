@@ -354,3 +354,19 @@ def test_y_labels_never_overlap_titles_or_each_other(full_study):
     for name, fig in figures.items():
         assert _label_clashes(fig) == [], name
     assert figures["score_vs_params"]._supylabel.get_text().replace("\n", " ") == LONG_LABEL  # said once
+
+
+def test_redundancy_marks_the_base_when_the_base_is_best():
+    """Best m = n/2 is DUS giving the base back: nothing twice, nothing dropped, so nothing was marked."""
+    distances = {"four": [0.4, 0.1, 0.08, 0.2], "six": [0.4, 0.1, 0.05, 0.1, 0.15, 0.16]}
+    fig = plots.redundancy(distances, {"four": 2, "six": 1})
+    (ax,) = fig.axes
+    marked = [line for line in ax.lines if line.get_gid() == "base-best"]
+    assert len(marked) == 1 and list(marked[0].get_xdata()) == [0, 1, 2, 3]  # every layer of "four", once
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["four, best m = 2 = n/2: the unchanged base is best",
+                      "six, best m = 1: layers 1–4 twice"]
+    assert "the base itself" in ax.get_title()
+    plain = plots.redundancy(distances, {"four": 1, "six": 1})  # no base best: no squares, no note
+    assert not [line for line in plain.axes[0].lines if line.get_gid() == "base-best"]
+    assert "the base itself" not in plain.axes[0].get_title()
