@@ -399,14 +399,18 @@ def loss_curves(df, curves: dict[int, object], *, bases: list[str] | None = None
     """Held-out loss during CPT against tokens: a line per trial coloured by m, control and MoE distinct.
 
     ``curves`` maps trial number -> DataFrame with ``tokens`` and ``val_loss`` (rows of
-    ``metrics.jsonl`` of the main run that have a held-out loss). Pruned trials end in an x.
+    ``metrics.jsonl`` of the main run that have a held-out loss: every evaluation, the early ones of
+    ``train.eval_early`` too, each a dot). The x axis is linear up to the first evaluation after 0 and
+    logarithmic beyond (symlog), so the jump and recovery of the first steps after surgery are as wide
+    as the rest of the run. Pruned trials end in an x.
     ``branches`` (schedule wsd) maps trial number -> DataFrame with ``fork_tokens``, ``tokens`` and
     ``val_loss``: each cooldown branch, drawn as a dotted offshoot from the main curve at its fork to
     the held-out loss it reached at its budget point.
     """
-    from matplotlib.ticker import FuncFormatter, LogFormatter
+    from matplotlib.ticker import FuncFormatter, LogFormatter, NullFormatter, SymmetricalLogLocator
 
     runs = df[df["state"].isin(["complete", "pruned"]) & df["base"].notna() & df["trial"].isin(list(curves))]
+    firsts = [float(c["tokens"][c["tokens"] > 0].min()) for c in curves.values() if (c["tokens"] > 0).any()]
     bases = _bases(runs, bases)
     if runs.empty:
         return message_figure("CPT loss curves", "not enough trials: no finished trial with a metrics.jsonl yet")
@@ -431,7 +435,7 @@ def loss_curves(df, curves: dict[int, object], *, bases: list[str] | None = None
                     kw = dict(color="0.35", ls="--", lw=1.2, label="unchanged base (m = n/2)")
                 else:
                     kw = dict(color=cmap(norm(row["m"])), ls="-", lw=0.9)
-                ax.plot(c["tokens"], c["val_loss"], zorder=3, **kw)
+                ax.plot(c["tokens"], c["val_loss"], zorder=3, marker="o", ms=1.8, **kw)  # a dot per evaluation
                 if row["state"] == "pruned":
                     ax.plot(c["tokens"].iloc[-1:], c["val_loss"].iloc[-1:], marker="x", color=kw["color"],
                             ls="none", zorder=4, label="pruned (stopped early)")
@@ -448,8 +452,12 @@ def loss_curves(df, curves: dict[int, object], *, bases: list[str] | None = None
             ax.set_yscale("log")  # the fresh variant's loss can start far above where it settles
             ax.yaxis.set_major_formatter(LogFormatter())
             ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+            if firsts:  # linear from 0 to the first evaluation, log beyond: the early evaluations spread out
+                ax.set_xscale("symlog", linthresh=min(firsts), linscale=0.4)
+                ax.xaxis.set_major_locator(SymmetricalLogLocator(linthresh=min(firsts), base=10, subs=(1.0, 3.0)))
+                ax.xaxis.set_minor_formatter(NullFormatter())
             ax.xaxis.set_major_formatter(FuncFormatter(human_count))
-            ax.set_xlabel("CPT tokens")
+            ax.set_xlabel("CPT tokens (log scale after the first evaluation)" if firsts else "CPT tokens")
             ax.set_ylabel("held-out loss (nats/token, log)")
         _legend(fig)
         finish(fig)

@@ -34,6 +34,7 @@ FIGURES = ["score_vs_m", "val_loss_vs_m", "score_vs_params", "score_vs_flops", "
 BUDGET_FIGURES = ["score_vs_budget", "gap_vs_budget", "best_m_vs_budget"]  # with more than one budget point
 KEYS = ["synth_k1/acc", "synth_k2/acc_norm", "synth/acc"]
 START = datetime.datetime(2025, 1, 1, 9, 0, 0)
+EVALS = (0, 1, 2, 4, 5, 8, 10)  # eval_every 5 and the early evaluations of eval_early (1, 2, 4, 8)
 
 
 def _config(name: str) -> dict:
@@ -99,7 +100,7 @@ def _trial(study, number: int, base: str, method: str, m, repeat: int, state: Tr
     if method == "nocpt":  # no CPT: no curve
         return {"curve": [], "number": number, "record": record}
     return {"curve": [{"step": k, "tokens": 410 * k, "train_loss": 3.0, "lr": 1e-3,
-                       **({"val_loss": metrics["val_loss"] + (start - 2.0) * math.exp(-k / 2)} if k % 5 == 0
+                       **({"val_loss": metrics["val_loss"] + (start - 2.0) * math.exp(-k / 2)} if k in EVALS
                           else {})} for k in range(steps + 1)], "number": number, "record": record}
 
 
@@ -287,7 +288,8 @@ def test_multi_budget_study_figures_and_tables(home, tmp_path):
     assert set(tables["gaps"]["verdict"]) <= {"better", "worse", "cannot be ordered"}
     dus = int(points.loc[(points["method"] == "dus") & (points["m"] == 1), "trial"].iloc[0])
     curve = read_curves(study_dir, [dus])[dus]
-    assert list(curve["tokens"]) == [0, 256, 512]  # the main run only: the branch's eval at 256 is not in it
+    # the main run only (the branch's eval at 256 is not in it): step 0, eval_early's step 1, eval_every's 2 and 4
+    assert list(curve["tokens"]) == [0, 128, 256, 512]
     branch = read_branches(study_dir, [dus])[dus]
     assert list(branch["branch"]) == [256] and list(branch["fork_tokens"]) == [128] and list(branch["tokens"]) == [256]
     lines = (study_dir / "trials" / str(dus) / "metrics.jsonl").read_text().splitlines()
@@ -370,3 +372,25 @@ def test_redundancy_marks_the_base_when_the_base_is_best():
     plain = plots.redundancy(distances, {"four": 1, "six": 1})  # no base best: no squares, no note
     assert not [line for line in plain.axes[0].lines if line.get_gid() == "base-best"]
     assert "the base itself" not in plain.axes[0].get_title()
+
+
+def test_loss_curves_draw_every_evaluation_early_ones_spread_out(full_study):
+    """Each run's line goes through every held-out evaluation of its metrics.jsonl (the early ones of
+    eval_early at steps 1, 2, 4, 8 too, each a dot), on an x axis that is logarithmic after the first one."""
+    from ablate.figures import read_curves
+    from ablate.results import load
+
+    df = load(full_study)
+    df = df[df["state"] != "running"].reset_index(drop=True)
+    curves = read_curves(full_study, df["trial"])
+    complete = int(df.loc[(df["state"] == "complete") & (df["method"] == "dus"), "trial"].iloc[0])
+    assert list(curves[complete]["step"]) == list(EVALS)
+    fig = plots.loss_curves(df, curves)
+    drawn = {tuple(line.get_xdata()) for ax in fig.axes for line in ax.lines if line.get_marker() == "o"}
+    assert tuple(410 * k for k in EVALS) in drawn  # all seven points, dots on
+    assert {ax.get_xscale() for ax in fig.axes if ax.get_xlabel()} == {"symlog"}
+    _drawn(fig)
+    for ax in fig.axes:
+        if ax.get_xscale() == "symlog":  # the first evaluations are apart on screen, not one blot at 0
+            x = ax.transData.transform([(410 * k, 2.0) for k in (0, 1, 2, 4)])[:, 0]
+            assert min(np.diff(x)) > 10, x
