@@ -20,8 +20,8 @@ from ablate import stats
 from ablate.redundancy import dus_layers
 
 __all__ = ["arm_stats", "best_m", "human_count", "task_metrics", "score_vs_m", "score_vs_params", "loss_curves",
-           "tasks_vs_m", "score_vs_budget", "gap_vs_budget", "best_m_vs_budget", "score_vs_flops", "redundancy",
-           "message_figure", "save", "style"]
+           "tasks_vs_m", "task_intervals", "score_vs_budget", "gap_vs_budget", "best_m_vs_budget", "score_vs_flops",
+           "redundancy", "message_figure", "save", "style"]
 # palette, finish and wrap are public too: the figure helpers that ablate.studyplots shares
 
 COLUMN_IN = 3.4  # one column of a two-column paper (ICML, NeurIPS, ACL: 3.25-3.5 in)
@@ -481,8 +481,70 @@ def task_metrics(columns) -> list[str]:
     return out
 
 
+def _stderr_column(metric: str) -> str:
+    """lm-eval's standard error column of ``metric``: ``a/acc`` -> ``a/acc_stderr``, a filter kept after the
+    comma (``c/exact_match,strict-match`` -> ``c/exact_match_stderr,strict-match``)."""
+    name, comma, filt = metric.partition(",")
+    return f"{name}_stderr{comma}{filt}"
+
+
+def _items(done, metric: str) -> int | None:
+    """How many items ``metric`` is a fraction correct over, from lm-eval's binomial standard error
+    sqrt(p (1 - p) / (n - 1)) of a trial with 0 < p < 1 (the same items in every trial); None without one."""
+    col = _stderr_column(metric)
+    if col not in done:
+        return None
+    p, se = done[metric].astype(float), done[col].astype(float)
+    ok = (p > 0) & (p < 1) & (se > 0)
+    if not ok.any():
+        return None
+    return int(round(float((1 + p[ok] * (1 - p[ok]) / se[ok] ** 2).median())))
+
+
+def _wilson(p: float, n: int) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion ``p`` of ``n`` items (sensible at p = 0 or 1 too)."""
+    from scipy.stats import norm
+
+    z = float(norm.ppf(0.5 + CONFIDENCE / 2))
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def task_intervals(done, metric: str):
+    """Per m of the DUS trials ``done``: ``metric``'s mean and 95% interval, as a DataFrame with ``m``, ``mean``,
+    ``lo``, ``hi``, ``count`` (trials) and ``kind``: "repeats" (a t interval over the trials, with two or
+    more), "items" (one trial: the Wilson interval over the evaluation items, their number read off
+    lm-eval's standard error) or "none" (one trial and no standard error to read)."""
+    import pandas as pd
+
+    n_items = _items(done, metric)
+    rows = []
+    for m, g in done.groupby(done["m"].astype(float), sort=True):
+        values = g[metric].dropna().astype(float)
+        if values.empty:
+            continue
+        mean, count = float(values.mean()), len(values)
+        if count > 1:
+            half = _t_half(float(values.std(ddof=1)), count)
+            lo, hi, kind = mean - half, mean + half, "repeats"
+        elif n_items is not None and 0 <= mean <= 1:
+            (lo, hi), kind = _wilson(mean, n_items), "items"
+        else:
+            lo = hi = mean
+            kind = "none"
+        rows.append({"m": m, "mean": mean, "lo": lo, "hi": hi, "count": count, "kind": kind, "items": n_items})
+    return pd.DataFrame(rows, columns=["m", "mean", "lo", "hi", "count", "kind", "items"])
+
+
+TASK_BARS = {"repeats": ("-", f"bars: {CONFIDENCE:.0%} t interval over the repeats"),
+             "items": (":", f"dotted bars (one repeat): {CONFIDENCE:.0%} Wilson interval over the items")}
+
+
 def tasks_vs_m(df, *, bases: list[str] | None = None):
-    """Per base, each task's metric against m (mean over seeds), to see which tasks depth helps."""
+    """Per base, each task's metric against m (mean over seeds), to see which tasks depth helps; error bars:
+    the 95% t interval over the repeats of an m, or with one repeat the 95% Wilson interval over the
+    evaluation items (:func:`task_intervals`); the legend says which bars are which."""
     done = _complete(df)
     metrics = [c for c in task_metrics(df.columns) if done[c].notna().any()]
     bases = _bases(done, bases)
@@ -490,6 +552,7 @@ def tasks_vs_m(df, *, bases: list[str] | None = None):
         return message_figure("task metrics by m", "not enough trials: no complete trial has task metrics yet")
     colours = palette()
     markers = "osD^v<>pPX"
+    kinds = set()
     with style():
         fig, axes = _figure(len(bases))
         for ax, base in zip(axes, bases, strict=True):
@@ -500,15 +563,28 @@ def tasks_vs_m(df, *, bases: list[str] | None = None):
                 _message(ax, "not enough trials: no complete DUS trial of this base yet")
                 continue
             for i, metric in enumerate(metrics):
-                mean = dus.groupby(dus["m"].astype(float))[metric].mean().dropna()
-                if len(mean):
-                    ax.plot(mean.index, mean.values, color=colours[i % 10], marker=markers[i % 10], ms=3, lw=1,
-                            label=metric)
+                table = task_intervals(dus, metric)
+                if table.empty:
+                    continue
+                x = table["m"] + 0.08 * (i - (len(metrics) - 1) / 2)  # dodged: the bars of one m do not overlap
+                c = colours[i % 10]
+                ax.plot(x, table["mean"], color=c, marker=markers[i % 10], ms=3, lw=1, zorder=3, label=metric)
+                for kind, (ls, _) in TASK_BARS.items():
+                    sel = table["kind"] == kind
+                    if sel.any():
+                        bars = ax.errorbar(x[sel], table.loc[sel, "mean"], ls="none", color=c, capsize=1.5, lw=0.8,
+                                           yerr=[table.loc[sel, "mean"] - table.loc[sel, "lo"],
+                                                 table.loc[sel, "hi"] - table.loc[sel, "mean"]], zorder=2)
+                        bars.lines[2][0].set_linestyle(ls)
+                        kinds.add(kind)
             if dus["m"].min() <= n / 2 <= dus["m"].max():
                 ax.axvline(n / 2, color="0.5", ls="--", lw=0.8, zorder=0, label="m = n/2 (unchanged base)")
             _m_ticks(ax, n, dus["m"].astype(float).tolist())
             all_acc = all(m.split("/", 1)[1] in ("acc", "acc_norm") for m in metrics)
             ax.set_ylabel("accuracy (fraction correct)" if all_acc else "task metric")
+        for kind in sorted(kinds):  # the legend says what the bars are
+            ls, text = TASK_BARS[kind]
+            axes[-1].plot([], [], color="0.3", ls=ls, lw=0.8, marker="_", ms=5, label=text)
         _legend(fig)
         finish(fig)
     return fig

@@ -394,3 +394,34 @@ def test_loss_curves_draw_every_evaluation_early_ones_spread_out(full_study):
         if ax.get_xscale() == "symlog":  # the first evaluations are apart on screen, not one blot at 0
             x = ax.transData.transform([(410 * k, 2.0) for k in (0, 1, 2, 4)])[:, 0]
             assert min(np.diff(x)) > 10, x
+
+
+def test_task_figure_has_error_bars_over_repeats_or_items():
+    """Two repeats of an m: the t interval over them; one repeat: the Wilson interval over the items, their
+    number (100) read off lm-eval's stderr of another trial, so p = 1 still gets a bar; the legend says which."""
+    from matplotlib.container import ErrorbarContainer
+    from scipy import stats
+
+    def se(p, n=100):
+        return math.sqrt(p * (1 - p) / (n - 1))
+
+    rows = [(0, 0.50), (0, 0.60), (1, 0.30), (2, 1.0)]  # (m, synth_k2/acc): m = 0 twice, m = 1 and 2 once
+    df = pd.DataFrame([{"state": "complete", "base": "b", "method": "dus", "m": m, "n": 4, "synth_k2/acc": p,
+                        "synth_k2/acc_stderr": se(p)} for m, p in rows])
+    table = plots.task_intervals(df, "synth_k2/acc").set_index("m")
+    assert list(table["kind"]) == ["repeats", "items", "items"] and set(table["items"]) == {100}
+    lo, hi = stats.t.interval(0.95, 1, loc=0.55, scale=stats.sem([0.5, 0.6]))
+    assert (table.loc[0, "lo"], table.loc[0, "hi"]) == (pytest.approx(lo), pytest.approx(hi))
+    for m, k in ((1, 30), (2, 100)):
+        ci = stats.binomtest(k, 100).proportion_ci(0.95, method="wilson")
+        assert (table.loc[m, "lo"], table.loc[m, "hi"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    assert table.loc[2, "lo"] < 0.97  # p = 1 of 100 items is not certainty
+
+    fig = plots.tasks_vs_m(df)
+    bars = [c for c in fig.axes[0].containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 2 and sorted(len(c.lines[2][0].get_segments()) for c in bars) == [1, 2]
+    legend = " ".join(t.get_text() for t in fig.legends[0].get_texts())
+    assert "t interval over the repeats" in legend and "Wilson interval over the items" in legend
+    # without a standard error, one repeat gets no bar (and no legend line claiming one)
+    alone = plots.task_intervals(df.drop(columns="synth_k2/acc_stderr"), "synth_k2/acc")
+    assert list(alone["kind"]) == ["repeats", "none", "none"]
