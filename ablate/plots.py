@@ -394,6 +394,17 @@ def score_vs_params(df, *, column: str = "objective", label: str = "objective", 
     return fig
 
 
+def _symlog_ticks(first: float, last: float) -> list[float]:
+    """Ticks of a symlog axis linear up to ``first``: 0, then 1, 2, 5 per decade from ``first`` to ``last``
+    (1 per decade when that gives more than 5), none inside the linear part, where they would crowd."""
+    lo, hi = math.floor(math.log10(first)), math.ceil(math.log10(max(last, first)))
+    for subs in ((1, 2, 5), (1,)):
+        ticks = [v * 10.0 ** k for k in range(lo, hi + 1) for v in subs if first <= v * 10.0 ** k <= last]
+        if len(ticks) <= 5:
+            break
+    return [0.0, *ticks]
+
+
 def loss_curves(df, curves: dict[int, object], *, bases: list[str] | None = None,
                 branches: dict[int, object] | None = None):
     """Held-out loss during CPT against tokens: a line per trial coloured by m, control and MoE distinct.
@@ -407,7 +418,7 @@ def loss_curves(df, curves: dict[int, object], *, bases: list[str] | None = None
     ``val_loss``: each cooldown branch, drawn as a dotted offshoot from the main curve at its fork to
     the held-out loss it reached at its budget point.
     """
-    from matplotlib.ticker import FuncFormatter, LogFormatter, NullFormatter, SymmetricalLogLocator
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogFormatter, NullLocator
 
     runs = df[df["state"].isin(["complete", "pruned"]) & df["base"].notna() & df["trial"].isin(list(curves))]
     firsts = [float(c["tokens"][c["tokens"] > 0].min()) for c in curves.values() if (c["tokens"] > 0).any()]
@@ -454,8 +465,8 @@ def loss_curves(df, curves: dict[int, object], *, bases: list[str] | None = None
             ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
             if firsts:  # linear from 0 to the first evaluation, log beyond: the early evaluations spread out
                 ax.set_xscale("symlog", linthresh=min(firsts), linscale=0.4)
-                ax.xaxis.set_major_locator(SymmetricalLogLocator(linthresh=min(firsts), base=10, subs=(1.0, 3.0)))
-                ax.xaxis.set_minor_formatter(NullFormatter())
+                ax.xaxis.set_major_locator(FixedLocator(_symlog_ticks(min(firsts), ax.get_xlim()[1])))
+                ax.xaxis.set_minor_locator(NullLocator())
             ax.xaxis.set_major_formatter(FuncFormatter(human_count))
             ax.set_xlabel("CPT tokens (log scale after the first evaluation)" if firsts else "CPT tokens")
             ax.set_ylabel("held-out loss (nats/token, log)")
@@ -843,7 +854,7 @@ def redundancy(distances: dict[str, list[float]], best: dict[str, int | None] | 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(bottom=0)
         ax.set_title("filled: used twice by DUS at the best m; x: dropped" +
-                     ("\nsquares: the best m is n/2, the base itself (no layer twice or dropped)" if base_best
+                     ("\nsquares: best m = n/2, the unchanged base itself" if base_best
                       else ""), fontsize=FONT_PT - 1, color="0.3")
         _legend(fig)
         finish(fig)

@@ -368,10 +368,13 @@ def test_redundancy_marks_the_base_when_the_base_is_best():
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert legend == ["four, best m = 2 = n/2: the unchanged base is best",
                       "six, best m = 1: layers 1–4 twice"]
-    assert "the base itself" in ax.get_title()
+    assert "unchanged base itself" in ax.get_title()
+    renderer = _drawn(fig)
+    assert fig.bbox.x0 - 1 <= ax.title.get_window_extent(renderer).x0  # the note fits the column
+    assert ax.title.get_window_extent(renderer).x1 <= fig.bbox.x1 + 1
     plain = plots.redundancy(distances, {"four": 1, "six": 1})  # no base best: no squares, no note
     assert not [line for line in plain.axes[0].lines if line.get_gid() == "base-best"]
-    assert "the base itself" not in plain.axes[0].get_title()
+    assert "unchanged base itself" not in plain.axes[0].get_title()
 
 
 def test_loss_curves_draw_every_evaluation_early_ones_spread_out(full_study):
