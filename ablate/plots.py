@@ -20,8 +20,8 @@ from ablate import stats
 from ablate.redundancy import dus_layers
 
 __all__ = ["arm_stats", "best_m", "human_count", "task_metrics", "score_vs_m", "score_vs_params", "loss_curves",
-           "tasks_vs_m", "score_vs_budget", "gap_vs_budget", "best_m_vs_budget", "score_vs_flops", "redundancy",
-           "message_figure", "save", "style"]
+           "tasks_vs_m", "task_intervals", "score_vs_budget", "gap_vs_budget", "best_m_vs_budget", "score_vs_flops",
+           "redundancy", "message_figure", "save", "style"]
 # palette, finish and wrap are public too: the figure helpers that ablate.studyplots shares
 
 COLUMN_IN = 3.4  # one column of a two-column paper (ICML, NeurIPS, ACL: 3.25-3.5 in)
@@ -240,6 +240,12 @@ def _m_ticks(ax, n: int, values) -> None:
     ax.set_xlabel("layers removed from each copy, m")
 
 
+def _shared_ylabel(fig, label: str) -> None:
+    """One y label for every panel of ``fig`` (panels that share the quantity on y), centred on the figure's
+    height: a label as long as two panels, where each panel's own label ran past its panel into the title."""
+    fig.supylabel(wrap(label, 60), fontsize=FONT_PT)
+
+
 def _legend(fig, ncols: int = 1) -> None:
     handles = {}
     for ax in fig.axes:
@@ -381,11 +387,22 @@ def score_vs_params(df, *, column: str = "objective", label: str = "objective", 
             ax.scatter(xs, ys, s=80, facecolors="none", edgecolors="black", lw=0.7, zorder=4)
             _log_x(ax)
             ax.set_xlabel(f"{'total' if size == 'params_total' else 'active'} parameters (log scale)")
-            ax.set_ylabel(wrap(label))
+        _shared_ylabel(fig, label)
         axes[0].set_title("numbers: m of each DUS variant", fontsize=FONT_PT - 1, color="0.3")
         _legend(fig)
         finish(fig)
     return fig
+
+
+def _symlog_ticks(first: float, last: float) -> list[float]:
+    """Ticks of a symlog axis linear up to ``first``: 0, then 1, 2, 5 per decade from ``first`` to ``last``
+    (1 per decade when that gives more than 5), none inside the linear part, where they would crowd."""
+    lo, hi = math.floor(math.log10(first)), math.ceil(math.log10(max(last, first)))
+    for subs in ((1, 2, 5), (1,)):
+        ticks = [v * 10.0 ** k for k in range(lo, hi + 1) for v in subs if first <= v * 10.0 ** k <= last]
+        if len(ticks) <= 5:
+            break
+    return [0.0, *ticks]
 
 
 def loss_curves(df, curves: dict[int, object], *, bases: list[str] | None = None,
@@ -393,14 +410,18 @@ def loss_curves(df, curves: dict[int, object], *, bases: list[str] | None = None
     """Held-out loss during CPT against tokens: a line per trial coloured by m, control and MoE distinct.
 
     ``curves`` maps trial number -> DataFrame with ``tokens`` and ``val_loss`` (rows of
-    ``metrics.jsonl`` of the main run that have a held-out loss). Pruned trials end in an x.
+    ``metrics.jsonl`` of the main run that have a held-out loss: every evaluation, the early ones of
+    ``train.eval_early`` too, each a dot). The x axis is linear up to the first evaluation after 0 and
+    logarithmic beyond (symlog), so the jump and recovery of the first steps after surgery are as wide
+    as the rest of the run. Pruned trials end in an x.
     ``branches`` (schedule wsd) maps trial number -> DataFrame with ``fork_tokens``, ``tokens`` and
     ``val_loss``: each cooldown branch, drawn as a dotted offshoot from the main curve at its fork to
     the held-out loss it reached at its budget point.
     """
-    from matplotlib.ticker import FuncFormatter, LogFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogFormatter, NullLocator
 
     runs = df[df["state"].isin(["complete", "pruned"]) & df["base"].notna() & df["trial"].isin(list(curves))]
+    firsts = [float(c["tokens"][c["tokens"] > 0].min()) for c in curves.values() if (c["tokens"] > 0).any()]
     bases = _bases(runs, bases)
     if runs.empty:
         return message_figure("CPT loss curves", "not enough trials: no finished trial with a metrics.jsonl yet")
@@ -425,7 +446,7 @@ def loss_curves(df, curves: dict[int, object], *, bases: list[str] | None = None
                     kw = dict(color="0.35", ls="--", lw=1.2, label="unchanged base (m = n/2)")
                 else:
                     kw = dict(color=cmap(norm(row["m"])), ls="-", lw=0.9)
-                ax.plot(c["tokens"], c["val_loss"], zorder=3, **kw)
+                ax.plot(c["tokens"], c["val_loss"], zorder=3, marker="o", ms=1.8, **kw)  # a dot per evaluation
                 if row["state"] == "pruned":
                     ax.plot(c["tokens"].iloc[-1:], c["val_loss"].iloc[-1:], marker="x", color=kw["color"],
                             ls="none", zorder=4, label="pruned (stopped early)")
@@ -442,8 +463,12 @@ def loss_curves(df, curves: dict[int, object], *, bases: list[str] | None = None
             ax.set_yscale("log")  # the fresh variant's loss can start far above where it settles
             ax.yaxis.set_major_formatter(LogFormatter())
             ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+            if firsts:  # linear from 0 to the first evaluation, log beyond: the early evaluations spread out
+                ax.set_xscale("symlog", linthresh=min(firsts), linscale=0.4)
+                ax.xaxis.set_major_locator(FixedLocator(_symlog_ticks(min(firsts), ax.get_xlim()[1])))
+                ax.xaxis.set_minor_locator(NullLocator())
             ax.xaxis.set_major_formatter(FuncFormatter(human_count))
-            ax.set_xlabel("CPT tokens")
+            ax.set_xlabel("CPT tokens (log scale after the first evaluation)" if firsts else "CPT tokens")
             ax.set_ylabel("held-out loss (nats/token, log)")
         _legend(fig)
         finish(fig)
@@ -467,8 +492,70 @@ def task_metrics(columns) -> list[str]:
     return out
 
 
+def _stderr_column(metric: str) -> str:
+    """lm-eval's standard error column of ``metric``: ``a/acc`` -> ``a/acc_stderr``, a filter kept after the
+    comma (``c/exact_match,strict-match`` -> ``c/exact_match_stderr,strict-match``)."""
+    name, comma, filt = metric.partition(",")
+    return f"{name}_stderr{comma}{filt}"
+
+
+def _items(done, metric: str) -> int | None:
+    """How many items ``metric`` is a fraction correct over, from lm-eval's binomial standard error
+    sqrt(p (1 - p) / (n - 1)) of a trial with 0 < p < 1 (the same items in every trial); None without one."""
+    col = _stderr_column(metric)
+    if col not in done:
+        return None
+    p, se = done[metric].astype(float), done[col].astype(float)
+    ok = (p > 0) & (p < 1) & (se > 0)
+    if not ok.any():
+        return None
+    return int(round(float((1 + p[ok] * (1 - p[ok]) / se[ok] ** 2).median())))
+
+
+def _wilson(p: float, n: int) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion ``p`` of ``n`` items (sensible at p = 0 or 1 too)."""
+    from scipy.stats import norm
+
+    z = float(norm.ppf(0.5 + CONFIDENCE / 2))
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def task_intervals(done, metric: str):
+    """Per m of the DUS trials ``done``: ``metric``'s mean and 95% interval, as a DataFrame with ``m``, ``mean``,
+    ``lo``, ``hi``, ``count`` (trials) and ``kind``: "repeats" (a t interval over the trials, with two or
+    more), "items" (one trial: the Wilson interval over the evaluation items, their number read off
+    lm-eval's standard error) or "none" (one trial and no standard error to read)."""
+    import pandas as pd
+
+    n_items = _items(done, metric)
+    rows = []
+    for m, g in done.groupby(done["m"].astype(float), sort=True):
+        values = g[metric].dropna().astype(float)
+        if values.empty:
+            continue
+        mean, count = float(values.mean()), len(values)
+        if count > 1:
+            half = _t_half(float(values.std(ddof=1)), count)
+            lo, hi, kind = mean - half, mean + half, "repeats"
+        elif n_items is not None and 0 <= mean <= 1:
+            (lo, hi), kind = _wilson(mean, n_items), "items"
+        else:
+            lo = hi = mean
+            kind = "none"
+        rows.append({"m": m, "mean": mean, "lo": lo, "hi": hi, "count": count, "kind": kind, "items": n_items})
+    return pd.DataFrame(rows, columns=["m", "mean", "lo", "hi", "count", "kind", "items"])
+
+
+TASK_BARS = {"repeats": ("-", f"bars: {CONFIDENCE:.0%} t interval over the repeats"),
+             "items": (":", f"dotted bars (one repeat): {CONFIDENCE:.0%} Wilson interval over the items")}
+
+
 def tasks_vs_m(df, *, bases: list[str] | None = None):
-    """Per base, each task's metric against m (mean over seeds), to see which tasks depth helps."""
+    """Per base, each task's metric against m (mean over seeds), to see which tasks depth helps; error bars:
+    the 95% t interval over the repeats of an m, or with one repeat the 95% Wilson interval over the
+    evaluation items (:func:`task_intervals`); the legend says which bars are which."""
     done = _complete(df)
     metrics = [c for c in task_metrics(df.columns) if done[c].notna().any()]
     bases = _bases(done, bases)
@@ -476,6 +563,7 @@ def tasks_vs_m(df, *, bases: list[str] | None = None):
         return message_figure("task metrics by m", "not enough trials: no complete trial has task metrics yet")
     colours = palette()
     markers = "osD^v<>pPX"
+    kinds = set()
     with style():
         fig, axes = _figure(len(bases))
         for ax, base in zip(axes, bases, strict=True):
@@ -486,15 +574,28 @@ def tasks_vs_m(df, *, bases: list[str] | None = None):
                 _message(ax, "not enough trials: no complete DUS trial of this base yet")
                 continue
             for i, metric in enumerate(metrics):
-                mean = dus.groupby(dus["m"].astype(float))[metric].mean().dropna()
-                if len(mean):
-                    ax.plot(mean.index, mean.values, color=colours[i % 10], marker=markers[i % 10], ms=3, lw=1,
-                            label=metric)
+                table = task_intervals(dus, metric)
+                if table.empty:
+                    continue
+                x = table["m"] + 0.08 * (i - (len(metrics) - 1) / 2)  # dodged: the bars of one m do not overlap
+                c = colours[i % 10]
+                ax.plot(x, table["mean"], color=c, marker=markers[i % 10], ms=3, lw=1, zorder=3, label=metric)
+                for kind, (ls, _) in TASK_BARS.items():
+                    sel = table["kind"] == kind
+                    if sel.any():
+                        bars = ax.errorbar(x[sel], table.loc[sel, "mean"], ls="none", color=c, capsize=1.5, lw=0.8,
+                                           yerr=[table.loc[sel, "mean"] - table.loc[sel, "lo"],
+                                                 table.loc[sel, "hi"] - table.loc[sel, "mean"]], zorder=2)
+                        bars.lines[2][0].set_linestyle(ls)
+                        kinds.add(kind)
             if dus["m"].min() <= n / 2 <= dus["m"].max():
                 ax.axvline(n / 2, color="0.5", ls="--", lw=0.8, zorder=0, label="m = n/2 (unchanged base)")
             _m_ticks(ax, n, dus["m"].astype(float).tolist())
             all_acc = all(m.split("/", 1)[1] in ("acc", "acc_norm") for m in metrics)
             ax.set_ylabel("accuracy (fraction correct)" if all_acc else "task metric")
+        for kind in sorted(kinds):  # the legend says what the bars are
+            ls, text = TASK_BARS[kind]
+            axes[-1].plot([], [], color="0.3", ls=ls, lw=0.8, marker="_", ms=5, label=text)
         _legend(fig)
         finish(fig)
     return fig
@@ -709,7 +810,7 @@ def score_vs_flops(points, *, column: str = "objective", label: str = "objective
             _log_x(ax)
             ax.set_xlabel("CPT training FLOPs (log scale)" if size == "flops" else
                           "inference FLOPs per token (log scale)")
-            ax.set_ylabel(wrap(label))
+        _shared_ylabel(fig, label)
         axes[0].set_title("lines join an arm's budget points", fontsize=FONT_PT - 1, color="0.3")
         axes[1].set_title("at the last budget point; numbers: m (DUS)", fontsize=FONT_PT - 1,
                           color="0.3")
@@ -726,6 +827,7 @@ def redundancy(distances: dict[str, list[float]], best: dict[str, int | None] | 
         return message_figure("layer redundancy", "no base model measured")
     colours = palette()
     best = best or {}
+    base_best = False
     with style():
         fig, (ax,) = _figure(1, height=2.4)
         for i, (base, d) in enumerate(distances.items()):
@@ -741,12 +843,19 @@ def redundancy(distances: dict[str, list[float]], best: dict[str, int | None] | 
                 if drop:
                     ax.plot(x[drop], np.asarray(d)[drop], marker="x", ms=5, color=c, ls="none", zorder=4)
                     note += f": layers {drop[0]}–{drop[-1]} dropped"
+                if not dup and not drop:  # m = n/2: DUS gives the base back, each layer once
+                    ax.plot(x, d, marker="s", ms=4.5, color=c, mec="black", mew=0.4, ls="none", zorder=4,
+                            gid="base-best")
+                    note += " = n/2: the unchanged base is best"
+                    base_best = True
             ax.plot(x, d, color=c, marker="o", ms=4, mfc="white", lw=1, zorder=3, label=f"{base}{note}")
         ax.set_xlabel("decoder layer of the base model")
         ax.set_ylabel(wrap("angular distance, input to output (arccos(cos)/π)", 30))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(bottom=0)
-        ax.set_title("filled: used twice by DUS at the best m; x: dropped", fontsize=FONT_PT - 1, color="0.3")
+        ax.set_title("filled: used twice by DUS at the best m; x: dropped" +
+                     ("\nsquares: best m = n/2, the unchanged base itself" if base_best
+                      else ""), fontsize=FONT_PT - 1, color="0.3")
         _legend(fig)
         finish(fig)
     return fig

@@ -42,6 +42,7 @@ __all__ = [
     "continue_pretraining",
     "lr_at",
     "wsd_lr_at",
+    "early_eval_steps",
     "BudgetPoint",
     "plan_points",
     "plan_budget",
@@ -107,6 +108,11 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
                              "this value; 0 turns clipping off (the norm is still logged).")
     eval_every: int = Field(50, gt=0, description="Measure held-out loss every this many optimizer "
                             "steps (and always after the last step).")
+    eval_early: int = Field(5, ge=0, le=30, description="Also measure held-out loss at the log-spaced steps 1, 2, "
+                            "4, ..., 2**(eval_early - 1) (those within the budget and not already an eval_every "
+                            "step), to draw a fresh variant's jump and recovery right after surgery; written to "
+                            "metrics.jsonl like the others, but never reported to the pruner (on_eval), so "
+                            "pruning and pruner.warmup_evals count the eval_every evaluations only. 0: none.")
     eval_rows: int = Field(64, gt=0, description="Held-out loss uses the first eval_rows rows of "
                            "data.val, the same fixed rows for every trial.")
     seed: int = Field(0, ge=0, description="Seeds torch, numpy and random; a CPU run repeats bit "
@@ -251,7 +257,7 @@ class TrainResult:
     precision: str  # resolved: "bf16" or "fp32"
     device: str
     num_processes: int
-    val_losses: list[tuple[int, float]]  # (step, held-out loss) for every evaluation of the main run
+    val_losses: list[tuple[int, float]]  # (step, held-out loss) of every evaluation of the main run (eval_early too)
     schedule: str = "cosine"
     points: list[dict] = field(default_factory=list)  # one per budget point reached (see continue_pretraining)
     branch_tokens: int = 0  # tokens trained in cooldown branches, on top of ``tokens``
@@ -342,6 +348,13 @@ def plan_points(config: TrainConfig) -> list[BudgetPoint]:
                             f"first budget point's cooldown starts (step {first.fork_step} of {first.steps}); "
                             "lower warmup_tokens or raise the first budget point")
     return out
+
+
+def early_eval_steps(config: TrainConfig, total_steps: int) -> list[int]:
+    """The extra held-out evaluations of ``eval_early``: steps 1, 2, 4, ..., 2**(eval_early - 1) up to
+    ``total_steps``, less those an ``eval_every`` evaluation (or the last step's) already measures."""
+    return [s for s in (2 ** i for i in range(config.eval_early))
+            if s < total_steps and s % config.eval_every != 0]
 
 
 def warmup_steps(config: TrainConfig, total_steps: int) -> int:
@@ -467,11 +480,12 @@ def continue_pretraining(model: torch.nn.Module, data: PackedData, config: Train
     It trains on CUDA when present (the device accelerate picks for this process), else on the
     CPU; ``cpu=True`` keeps it on the CPU on a CUDA machine too (a study's ``--device cpu``).
 
-    ``on_eval(step, tokens_seen, val_loss)`` runs on the main process after every evaluation;
-    returning True (or raising :class:`StopTraining`) ends the run with status "stopped".
-    A non-finite loss or gradient norm ends it at once with status "diverged" (no update is
-    applied). With ``out_dir``, writes ``train_config.json``, ``metrics.jsonl`` (one line per
-    step) and ``train_result.json`` there.
+    ``on_eval(step, tokens_seen, val_loss)`` runs on the main process after every ``eval_every``
+    evaluation and the last step's (not after the early ones of ``eval_early``, which only go to
+    ``metrics.jsonl`` and ``TrainResult.val_losses``); returning True (or raising
+    :class:`StopTraining`) ends the run with status "stopped". A non-finite loss or gradient norm
+    ends it at once with status "diverged" (no update is applied). With ``out_dir``, writes
+    ``train_config.json``, ``metrics.jsonl`` (one line per step) and ``train_result.json`` there.
 
     Schedule wsd: the run trains at the constant peak rate and, at each budget point's fork but the
     last, saves its state (model, AdamW moments, RNG; in memory or, with ``branch_state: disk``, in
@@ -640,6 +654,7 @@ def continue_pretraining(model: torch.nn.Module, data: PackedData, config: Train
     initial = _val_loss(ddp_model, data, config, accelerator, autocast)
     log({"step": 0, "tokens": 0, "val_loss": initial})
     val_losses: list[tuple[int, float]] = [(0, initial)]
+    early = set(early_eval_steps(config, budget.steps))
     done_points: list[dict] = []
     status, reason, step, train_loss = "completed", "", 0, None
     final = points[-1]
@@ -669,6 +684,10 @@ def continue_pretraining(model: torch.nn.Module, data: PackedData, config: Train
                 record["val_loss"] = val
                 val_losses.append((step, val))
                 stop = _ask(on_eval, step, record["tokens"], val, accelerator)
+            elif step in early:  # for the curve only: the pruner sees the eval_every evaluations alone
+                val = _val_loss(ddp_model, data, config, accelerator, autocast)
+                record["val_loss"] = val
+                val_losses.append((step, val))
             log(record)
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
             bar.update()

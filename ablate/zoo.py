@@ -322,7 +322,8 @@ def recipe_of(spec: ZooSpec, eval_rows: int):
     return train.TrainConfig(tokens=spec.train_tokens, micro_batch_size=spec.micro_batch_size,
                              tokens_per_step=spec.tokens_per_step, lr=spec.lr, warmup=spec.warmup,
                              schedule=spec.schedule, warmup_tokens=spec.warmup_tokens, cooldown=spec.cooldown,
-                             precision=spec.precision, seed=spec.seed, eval_every=10**9, eval_rows=eval_rows)
+                             precision=spec.precision, seed=spec.seed, eval_every=10**9, eval_early=0,
+                             eval_rows=eval_rows)
 
 
 def data_args(spec: ZooSpec) -> dict:

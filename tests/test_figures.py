@@ -34,6 +34,7 @@ FIGURES = ["score_vs_m", "val_loss_vs_m", "score_vs_params", "score_vs_flops", "
 BUDGET_FIGURES = ["score_vs_budget", "gap_vs_budget", "best_m_vs_budget"]  # with more than one budget point
 KEYS = ["synth_k1/acc", "synth_k2/acc_norm", "synth/acc"]
 START = datetime.datetime(2025, 1, 1, 9, 0, 0)
+EVALS = (0, 1, 2, 4, 5, 8, 10)  # eval_every 5 and the early evaluations of eval_early (1, 2, 4, 8)
 
 
 def _config(name: str) -> dict:
@@ -99,7 +100,7 @@ def _trial(study, number: int, base: str, method: str, m, repeat: int, state: Tr
     if method == "nocpt":  # no CPT: no curve
         return {"curve": [], "number": number, "record": record}
     return {"curve": [{"step": k, "tokens": 410 * k, "train_loss": 3.0, "lr": 1e-3,
-                       **({"val_loss": metrics["val_loss"] + (start - 2.0) * math.exp(-k / 2)} if k % 5 == 0
+                       **({"val_loss": metrics["val_loss"] + (start - 2.0) * math.exp(-k / 2)} if k in EVALS
                           else {})} for k in range(steps + 1)], "number": number, "record": record}
 
 
@@ -287,7 +288,8 @@ def test_multi_budget_study_figures_and_tables(home, tmp_path):
     assert set(tables["gaps"]["verdict"]) <= {"better", "worse", "cannot be ordered"}
     dus = int(points.loc[(points["method"] == "dus") & (points["m"] == 1), "trial"].iloc[0])
     curve = read_curves(study_dir, [dus])[dus]
-    assert list(curve["tokens"]) == [0, 256, 512]  # the main run only: the branch's eval at 256 is not in it
+    # the main run only (the branch's eval at 256 is not in it): step 0, eval_early's step 1, eval_every's 2 and 4
+    assert list(curve["tokens"]) == [0, 128, 256, 512]
     branch = read_branches(study_dir, [dus])[dus]
     assert list(branch["branch"]) == [256] and list(branch["fork_tokens"]) == [128] and list(branch["tokens"]) == [256]
     lines = (study_dir / "trials" / str(dus) / "metrics.jsonl").read_text().splitlines()
@@ -307,3 +309,122 @@ def test_budget_figures_say_why_when_there_is_nothing_to_draw():
     assert "not enough trials" in _texts(plots.gap_vs_budget(alone))
     assert "not enough trials" not in _texts(plots.score_vs_budget(alone))
     assert "not enough trials" not in _texts(plots.best_m_vs_budget(alone))
+
+
+LONG_LABEL = "held-out loss (nats/token) (lower is better)"  # objective_label's for a val_loss study
+
+
+def _drawn(fig):
+    """``fig`` laid out and drawn on an Agg canvas; its renderer."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    return fig.canvas.get_renderer()
+
+
+def _label_clashes(fig) -> list[str]:
+    """Each y label that runs off the figure or into a title, an x label or another y label, after layout."""
+    renderer = _drawn(fig)
+    every = [a for ax in fig.axes for a in (ax, *ax.child_axes)]
+    ylabels = [ax.yaxis.label for ax in every if ax.yaxis.label.get_text() and ax.yaxis.label.get_visible()]
+    ylabels += [fig._supylabel] if fig._supylabel is not None else []
+    others = [t for ax in every for t in (ax.title, ax.xaxis.label) if t.get_text()]
+    box = fig.bbox
+    out = []
+    for i, label in enumerate(ylabels):
+        b = label.get_window_extent(renderer)
+        if b.x0 < box.x0 - 1 or b.y0 < box.y0 - 1 or b.x1 > box.x1 + 1 or b.y1 > box.y1 + 1:
+            out.append(f"{label.get_text()!r} runs off the figure")
+        out += [f"{label.get_text()!r} overlaps {t.get_text()!r}" for t in others + ylabels[i + 1:]
+                if b.overlaps(t.get_window_extent(renderer))]
+    return out
+
+
+def test_y_labels_never_overlap_titles_or_each_other(full_study):
+    """A long objective label (a val_loss study's) on the two-panel figures ran past its panel into the
+    title above and the other panel's label."""
+    from ablate.figures import load_points
+    from ablate.results import load
+
+    df = load(full_study)
+    df = df[df["state"] != "running"].reset_index(drop=True)
+    points = load_points(full_study, df)
+    figures = {"score_vs_params": plots.score_vs_params(df, label=LONG_LABEL, direction="minimize"),
+               "score_vs_flops": plots.score_vs_flops(points, label=LONG_LABEL, direction="minimize"),
+               "score_vs_m": plots.score_vs_m(df, label=LONG_LABEL, direction="minimize")}
+    for name, fig in figures.items():
+        assert _label_clashes(fig) == [], name
+    assert figures["score_vs_params"]._supylabel.get_text().replace("\n", " ") == LONG_LABEL  # said once
+
+
+def test_redundancy_marks_the_base_when_the_base_is_best():
+    """Best m = n/2 is DUS giving the base back: nothing twice, nothing dropped, so nothing was marked."""
+    distances = {"four": [0.4, 0.1, 0.08, 0.2], "six": [0.4, 0.1, 0.05, 0.1, 0.15, 0.16]}
+    fig = plots.redundancy(distances, {"four": 2, "six": 1})
+    (ax,) = fig.axes
+    marked = [line for line in ax.lines if line.get_gid() == "base-best"]
+    assert len(marked) == 1 and list(marked[0].get_xdata()) == [0, 1, 2, 3]  # every layer of "four", once
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["four, best m = 2 = n/2: the unchanged base is best",
+                      "six, best m = 1: layers 1–4 twice"]
+    assert "unchanged base itself" in ax.get_title()
+    renderer = _drawn(fig)
+    assert fig.bbox.x0 - 1 <= ax.title.get_window_extent(renderer).x0  # the note fits the column
+    assert ax.title.get_window_extent(renderer).x1 <= fig.bbox.x1 + 1
+    plain = plots.redundancy(distances, {"four": 1, "six": 1})  # no base best: no squares, no note
+    assert not [line for line in plain.axes[0].lines if line.get_gid() == "base-best"]
+    assert "unchanged base itself" not in plain.axes[0].get_title()
+
+
+def test_loss_curves_draw_every_evaluation_early_ones_spread_out(full_study):
+    """Each run's line goes through every held-out evaluation of its metrics.jsonl (the early ones of
+    eval_early at steps 1, 2, 4, 8 too, each a dot), on an x axis that is logarithmic after the first one."""
+    from ablate.figures import read_curves
+    from ablate.results import load
+
+    df = load(full_study)
+    df = df[df["state"] != "running"].reset_index(drop=True)
+    curves = read_curves(full_study, df["trial"])
+    complete = int(df.loc[(df["state"] == "complete") & (df["method"] == "dus"), "trial"].iloc[0])
+    assert list(curves[complete]["step"]) == list(EVALS)
+    fig = plots.loss_curves(df, curves)
+    drawn = {tuple(line.get_xdata()) for ax in fig.axes for line in ax.lines if line.get_marker() == "o"}
+    assert tuple(410 * k for k in EVALS) in drawn  # all seven points, dots on
+    assert {ax.get_xscale() for ax in fig.axes if ax.get_xlabel()} == {"symlog"}
+    _drawn(fig)
+    for ax in fig.axes:
+        if ax.get_xscale() == "symlog":  # the first evaluations are apart on screen, not one blot at 0
+            x = ax.transData.transform([(410 * k, 2.0) for k in (0, 1, 2, 4)])[:, 0]
+            assert min(np.diff(x)) > 10, x
+
+
+def test_task_figure_has_error_bars_over_repeats_or_items():
+    """Two repeats of an m: the t interval over them; one repeat: the Wilson interval over the items, their
+    number (100) read off lm-eval's stderr of another trial, so p = 1 still gets a bar; the legend says which."""
+    from matplotlib.container import ErrorbarContainer
+    from scipy import stats
+
+    def se(p, n=100):
+        return math.sqrt(p * (1 - p) / (n - 1))
+
+    rows = [(0, 0.50), (0, 0.60), (1, 0.30), (2, 1.0)]  # (m, synth_k2/acc): m = 0 twice, m = 1 and 2 once
+    df = pd.DataFrame([{"state": "complete", "base": "b", "method": "dus", "m": m, "n": 4, "synth_k2/acc": p,
+                        "synth_k2/acc_stderr": se(p)} for m, p in rows])
+    table = plots.task_intervals(df, "synth_k2/acc").set_index("m")
+    assert list(table["kind"]) == ["repeats", "items", "items"] and set(table["items"]) == {100}
+    lo, hi = stats.t.interval(0.95, 1, loc=0.55, scale=stats.sem([0.5, 0.6]))
+    assert (table.loc[0, "lo"], table.loc[0, "hi"]) == (pytest.approx(lo), pytest.approx(hi))
+    for m, k in ((1, 30), (2, 100)):
+        ci = stats.binomtest(k, 100).proportion_ci(0.95, method="wilson")
+        assert (table.loc[m, "lo"], table.loc[m, "hi"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    assert table.loc[2, "lo"] < 0.97  # p = 1 of 100 items is not certainty
+
+    fig = plots.tasks_vs_m(df)
+    bars = [c for c in fig.axes[0].containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 2 and sorted(len(c.lines[2][0].get_segments()) for c in bars) == [1, 2]
+    legend = " ".join(t.get_text() for t in fig.legends[0].get_texts())
+    assert "t interval over the repeats" in legend and "Wilson interval over the items" in legend
+    # without a standard error, one repeat gets no bar (and no legend line claiming one)
+    alone = plots.task_intervals(df.drop(columns="synth_k2/acc_stderr"), "synth_k2/acc")
+    assert list(alone["kind"]) == ["repeats", "none", "none"]

@@ -27,6 +27,7 @@ from ablate.train import (
     StopTraining,
     TrainConfig,
     continue_pretraining,
+    early_eval_steps,
     lr_at,
     plan_budget,
 )
@@ -165,8 +166,8 @@ def test_non_finite_loss_stops_with_status_diverged():
 
     handle = model.lm_head.register_forward_hook(poison)
     try:
-        result = continue_pretraining(model, random_data(), small_config(eval_every=100),
-                                      progress=False)
+        result = continue_pretraining(model, random_data(), small_config(eval_every=100, eval_early=0),
+                                      progress=False)  # no early evaluation: it would be a forward pass too
     finally:
         handle.remove()
     assert result.status == "diverged" and "step 3" in result.reason
@@ -192,6 +193,33 @@ def test_on_eval_is_called_at_eval_steps_and_can_stop():
     result = continue_pretraining(tiny_model(num_layers=2), random_data(), small_config(),
                                   on_eval=raise_stop, progress=False)
     assert (result.status, result.steps) == ("stopped", 2)
+
+
+def test_early_evaluations_are_logged_not_reported_and_change_nothing(tmp_path):
+    """eval_early: held-out loss at steps 1, 2, 4 (8 is an eval_every step) in metrics.jsonl and val_losses;
+    on_eval (the pruner) still sees the eval_every evaluations only, and training is bit for bit the same."""
+    config = small_config(tokens=10 * 16 * SEQ, eval_every=8, eval_early=5)  # steps 1, 2, 4, 8, 16: 16 > 10
+    assert early_eval_steps(config, 10) == [1, 2, 4]
+    assert early_eval_steps(config.model_copy(update={"eval_early": 0}), 10) == []
+    assert early_eval_steps(config.model_copy(update={"eval_every": 2}), 10) == [1]
+    seen, weights = [], []
+    model = tiny_model(num_layers=2)
+    result = continue_pretraining(model, random_data(), config, on_eval=lambda *a: seen.append(a[:2]),
+                                  out_dir=tmp_path, progress=False)
+    weights.append(model.state_dict())
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 1, 2, 4, 8, 10]
+    assert [s for s, _ in result.val_losses] == [0, 1, 2, 4, 8, 10]
+    assert [s for s, _ in seen] == [8, 10]  # what the pruner is told: unchanged by eval_early
+    model = tiny_model(num_layers=2)
+    plain = continue_pretraining(model, random_data(), config.model_copy(update={"eval_early": 0}), progress=False)
+    weights.append(model.state_dict())
+    assert [s for s, _ in plain.val_losses] == [0, 8, 10]
+    assert dict(plain.val_losses) == {s: v for s, v in result.val_losses if s in (0, 8, 10)}
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert TrainConfig(tokens=1000).eval_early == 5  # existing configs get a few early points
+    with pytest.raises(pydantic.ValidationError, match="eval_early"):
+        TrainConfig(tokens=1000, eval_early=-1)
 
 
 def test_moe_loss_includes_the_load_balancing_aux_loss(tmp_path):
