@@ -168,6 +168,11 @@ class EvalConfig(Strict):
     subset_seed: int = Field(0, ge=0, description="Seed of the fixed subset.")
     num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples; null: each task's default.")
     batch_size: int = Field(32, gt=0, description="lm-eval batch size.")
+    tasks_at: Literal["every", "last"] = Field("every", description="When the lm-eval tasks (the synthetic "
+                                               "ones included) run: at every budget point, or only at the last "
+                                               "one. Each lm-eval pass costs seconds; the held-out loss and the "
+                                               "answer metrics (answer_k<k>/acc equals the synthetic task's acc, "
+                                               "tested) are measured at every point either way.")
 
     def task_groups(self) -> dict[int | None, list[str]]:
         """Task names grouped by few-shot count (lm-eval takes one count per call)."""
@@ -276,6 +281,11 @@ class StudyConfig(Strict):
             what = f"kind {objective.kind}" if not synthetic else f"key {synthetic[0]}"
             raise ValueError(f"eval.objective {what} is measured on the synthetic tasks; set eval.synthetic_tasks: "
                              "true, or choose another objective")
+        from_tasks = [k for k in objective.keys if not re.match(r"(answer|answer_k\d+|val_loss|val_ppl)(/|$)", k)]
+        if self.eval.tasks_at == "last" and from_tasks:
+            raise ValueError(f"eval.objective key {from_tasks[0]} is an lm-eval result, measured only at the last "
+                             "budget point with eval.tasks_at: last; set eval.tasks_at: every, or use an objective "
+                             "measured at every point (val_loss, answer_loss, answer_acc, answer_k<k>/...)")
         return self
 
     @model_validator(mode="after")

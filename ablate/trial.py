@@ -170,13 +170,14 @@ def repeat_train_config(train, repeat: int):
     return train.model_copy(update={"seed": train.seed + repeat, "data_order_seed": order})
 
 
-def _evaluate(ws: Workspace, model, tokenizer, data, per_item: dict | None = None) -> dict:
-    """Every score of a model: held-out loss and perplexity, and each evaluation task; ``per_item``
-    receives the answer items' scores one by one (see :func:`ablate.synthetic.answer_metrics`)."""
+def _evaluate(ws: Workspace, model, tokenizer, data, per_item: dict | None = None, *, last: bool = True) -> dict:
+    """Every score of a model: held-out loss and perplexity, and each evaluation task (lm-eval's only at
+    the ``last`` budget point with ``eval.tasks_at: last``); ``per_item`` receives the answer items'
+    scores one by one (see :func:`ablate.synthetic.answer_metrics`)."""
     ev = ws.config.eval
     metrics = dict(perplexity(model, data.val, batch_size=ws.config.train.micro_batch_size))
     metrics.pop("tokens", None)
-    for shots, tasks in ws.task_groups().items():
+    for shots, tasks in ws.task_groups().items() if last or ev.tasks_at == "every" else ():
         metrics.update(evaluate(model, tokenizer, tasks, include_path=ws.tasks_dir, subset=ev.subset,
                                 subset_seed=ev.subset_seed, num_fewshot=shots, batch_size=ev.batch_size,
                                 progress=ws.progress))
@@ -227,7 +228,7 @@ def run_trial(ws: Workspace, arm, out_dir: Path | None, on_eval: Callable[[int, 
         nonlocal eval_s
         e0 = time.perf_counter()
         items: dict = {}
-        metrics = _evaluate(ws, variant, tokenizer, data, items)
+        metrics = _evaluate(ws, variant, tokenizer, data, items, last=point.index == len(nominal) - 1)
         objective = objective_value(metrics, ws.config.eval.objective)
         _write_items(out_dir, nominal[point.index], items, append=bool(points))
         eval_s += time.perf_counter() - e0

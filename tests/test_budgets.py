@@ -242,3 +242,38 @@ def test_items_round_trip_from_trial_folders(tmp_path):
     assert sorted(items) == [(0, 256.0, "answer_k1"), (0, 512.0, "answer_k1"), (1, 256.0, "answer_k1"),
                              (1, 512.0, "answer_k1")]
     assert items[(0, 512.0, "answer_k1")] == {"hit": [1, 1, 0], "loss": [0.33333] * 3}
+
+
+def test_lm_eval_tasks_only_at_the_last_budget_point(home, tmp_path):
+    """eval.tasks_at: last runs lm-eval (here the synthetic tasks) at the last budget point alone; the
+    held-out loss and the answer metrics are measured at every point."""
+    from ablate.config import load_study_config
+    from ablate.study import run_study
+
+    train = {"schedule": "wsd", "warmup_tokens": 128, "cooldown": 0.25, "tokens": 512, "budgets": [256, 512],
+             "tokens_per_step": 128, "micro_batch_size": 4, "lr": 1e-3, "eval_every": 2, "eval_rows": 8,
+             "precision": "fp32"}
+    config = home.write(tmp_path, "last", train=train, methods={"dus": True, "moe": None, "nocpt": False},
+                        bases=[{"model": str(home.base), "label": "tiny", "m": [1]}],
+                        eval={"synthetic_tasks": True, "subset": 4, "tasks_at": "last",
+                              "objective": {"kind": "answer_loss"}})
+    run_study(load_study_config(config), trials=1, out=tmp_path / "runs", progress=False)
+    from ablate.results import load_budgets
+
+    import pandas as pd
+
+    frame = load_budgets(tmp_path / "runs" / "last").set_index("budget_tokens")
+    assert list(frame.index) == [256, 512]
+    assert np.isfinite(frame["val_loss"]).all() and np.isfinite(frame["answer/loss"]).all()
+    assert pd.isna(frame.loc[256, "synth_k1/acc"]) and 0 <= frame.loc[512, "synth_k1/acc"] <= 1
+
+
+def test_an_lm_eval_objective_needs_every_point():
+    from ablate.config import parse_config
+
+    tree = {"name": "x", "bases": [{"model": "llama-4l"}], "train": {"tokens": 1024},
+            "eval": {"tasks_at": "last", "objective": {"kind": "metric", "keys": ["synth_k2/acc"]}}}
+    with pytest.raises(UserError, match="measured only at the last budget point"):
+        parse_config(tree)
+    tree["eval"]["objective"] = {"kind": "metric", "keys": ["answer_k2/acc"]}
+    assert parse_config(tree).eval.tasks_at == "last"

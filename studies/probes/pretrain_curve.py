@@ -5,7 +5,8 @@ pretraining budgets: each point's branch is, bit for bit on a CPU, a cosine-free
 that budget (``ablate.train``). At each point it prints one JSON line (held-out loss on the zoo's
 held-out rows, accuracy per level k1..k4 on the study's 200 items per level, tokens per parameter)
 and saves the branch's checkpoint to ``OUT/<name>@<tokens>``, an ordinary Hugging Face folder
-a study can name as its base.
+a study can name as its base, with a ``zoo.json`` naming the wsd spec it is a build of (so
+``python -m ablate.zoo ship NAME --from OUT/<name>@<tokens>`` ships it when that spec is NAME's).
 
     python studies/probes/pretrain_curve.py OUT --layers 4 --budgets 1M 2M 4M 8M 16M [--family llama]
 
@@ -34,6 +35,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=6e-3)
     parser.add_argument("--cooldown", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup-tokens", type=int, default=102_400)
+    parser.add_argument("--name", default=None, help="the zoo name the checkpoints are written for")
+    parser.add_argument("--description", default="probe")
     args = parser.parse_args()
 
     import torch
@@ -41,13 +45,15 @@ def main() -> None:
 
     from ablate import train, zoo
     from ablate.data import load_packed
+    from ablate.synthetic import chance_level
 
     torch.set_num_threads(1)
     budgets = [tokens(b) for b in args.budgets]
     extra = {"num_kv_heads": 2, "sliding_window": 64} if args.family == "mistral" else {"num_kv_heads": 4}
-    spec = zoo.ZooSpec(name=f"{args.family}-{args.layers}l-s{args.seed}", family=args.family, description="probe",
-                       num_layers=args.layers, hidden_size=64, intermediate_size=192, num_heads=4,
-                       train_tokens=budgets[-1], lr=args.lr, seed=args.seed, **extra)
+    spec = zoo.ZooSpec(name=args.name or f"{args.family}-{args.layers}l-s{args.seed}", family=args.family,
+                       description=args.description, num_layers=args.layers, hidden_size=64, intermediate_size=192,
+                       num_heads=4, train_tokens=budgets[-1], lr=args.lr, seed=args.seed, schedule="wsd",
+                       warmup_tokens=args.warmup_tokens, cooldown=args.cooldown, precision="fp32", **extra)
     tokenizer = zoo.zoo_tokenizer()
     data = load_packed("synthetic", tokenizer, progress=False, **zoo.data_args(spec))
     torch.manual_seed(spec.seed)
@@ -56,10 +62,10 @@ def main() -> None:
     config.bos_token_id = tokenizer.bos_token_id
     model = AutoModelForCausalLM.from_config(config)
     params = sum(p.numel() for p in model.parameters())
-    recipe = train.TrainConfig(tokens=budgets[-1], budgets=budgets, schedule="wsd", cooldown=args.cooldown,
-                               micro_batch_size=spec.micro_batch_size, tokens_per_step=spec.tokens_per_step,
-                               lr=spec.lr, warmup_tokens=spec.tokens_per_step * 100, seed=spec.seed,
-                               eval_every=10**9, eval_rows=data.val.shape[0], precision="fp32")
+    # the zoo's own recipe of the longest budget, forked at every budget point (bit for bit the recipe
+    # of a spec with train_tokens = that point: ablate.zoo.recipe_of)
+    recipe = zoo.recipe_of(spec, data.val.shape[0]).model_copy(update={"budgets": budgets})
+    curve = []
     out = Path(args.out)
     start = time.perf_counter()
 
@@ -71,7 +77,12 @@ def main() -> None:
         tokenizer.save_pretrained(folder)
         line = {"name": spec.name, "tokens": p.tokens, "tokens_per_param": round(p.tokens / params, 1),
                 "val_loss": info["val_loss"], **probe, "params": params, "wall_s": round(time.perf_counter() - start)}
-        (folder / "probe.json").write_text(json.dumps(line) + "\n")
+        curve.append(line)
+        at = spec.model_copy(update={"train_tokens": p.tokens})
+        (folder / "zoo.json").write_text(json.dumps({
+            "zoo_version": zoo.ZOO_VERSION, "spec": at.model_dump(), "parameters": params, "tokens": p.tokens,
+            "final_val_loss": info["val_loss"], "synth_acc": probe, "chance": chance_level(), "precision": "fp32",
+            "wall_s": line["wall_s"], "torch_threads": 1, "curve": curve}, indent=1) + "\n")
         print(json.dumps(line), flush=True)
         model.train()
         return False
