@@ -1,4 +1,4 @@
-"""The zoo: small base models of the embedded default, pretrained from scratch on first use.
+"""The zoo: small base models of the embedded default, shipped with the package or pretrained on first use.
 
 Each :class:`ZooSpec` names an architecture and its pretraining recipe. Building one trains the
 shared byte-level BPE tokenizer (:func:`zoo_tokenizer`), packs the synthetic corpus
@@ -7,16 +7,22 @@ and saves an ordinary Hugging Face checkpoint (safetensors, tokenizer, and ``zoo
 the spec, tokens, final held-out loss and wall time) under ``ablate_home()/zoo/<name>``,
 written with :func:`~ablate.fsutil.atomic_dir` so an interrupted build leaves nothing behind.
 
+The default study's bases (``llama-2l``, ``llama-4l``) pretrain for 16M tokens each, about half
+an hour of one CPU core, so their builds ship with the package (:data:`SHIPPED`, 0.7 and 1.1 MB
+of fp32 safetensors, each file's sha256 in its ``zoo.json``): :func:`build` installs the shipped
+build when its spec is the current one, and ``--force`` pretrains it again from the recipe (on a
+CPU of the same kind, the same bits). Their recipe is wsd, so one run gives a base's whole learning
+curve (``studies/probes/pretrain_curve.py``; the curves are in studies/LOG.md, 2026-12-03).
+
 Builds are single-process training, so :func:`build_many` (and ``python -m ablate.zoo build``)
 runs the missing ones side by side in worker processes, one per model up to the CPU count (on a
 GPU one at a time, in this process). A build side by side gives the same bits as one alone.
 
 Why these sizes: 64 wide with 16-wide heads (two 32-wide heads learned the single step
 unreliably), lr 6e-3 (a smaller one made the deeper models learn k = 1 much later, or not at
-all), and 2,048-2,560 steps of 1,024 tokens: each model gets the steps it needs to learn k = 1
-and leave k >= 2 with headroom (the 6-layer model learns k = 1 later, so it gets more). The
-build times, throughputs, accuracies per level and the short CPT of their DUS variants: see
-studies/LOG.md, 2026-12-02 "Measurements formerly in module docstrings", part "Zoo build".
+all), 1,024 tokens per step. ``mistral-6l`` keeps the earlier short recipe (2,560 steps, built on
+first use). Earlier build times and accuracies: studies/LOG.md, 2026-12-02 "Measurements formerly
+in module docstrings", part "Zoo build".
 
     python -m ablate.zoo list
     python -m ablate.zoo build [NAME ...] [--jobs N] [--threads T]
@@ -105,10 +111,19 @@ class ZooSpec(BaseModel):
 ZOO: dict[str, ZooSpec] = {
     spec.name: spec
     for spec in [
+        # the default's bases: pretrained long (wsd, 16M tokens) and shipped with the package
+        ZooSpec(name="llama-2l", family="llama",
+                description="A saturated shallow base: 2 Llama layers, 16M tokens (101 per parameter); solves "
+                "k = 1 and 2, not 3 and 4, which a 4-layer model learns: depth is what it lacks.",
+                num_layers=2, hidden_size=64, intermediate_size=192, num_heads=4, num_kv_heads=4,
+                train_tokens=16_777_216, lr=6e-3, schedule="wsd", warmup_tokens=102_400, cooldown=0.2,
+                precision="fp32"),
         ZooSpec(name="llama-4l", family="llama",
-                description="The shallow base: 4 Llama layers; DUS gives 4 to 8 layers.",
+                description="A base deep enough for the corpus: 4 Llama layers, 16M tokens (61 per parameter); "
+                "solves k = 1 to 4. DUS gives 2 (pruned) to 8 layers.",
                 num_layers=4, hidden_size=64, intermediate_size=192, num_heads=4, num_kv_heads=4,
-                train_tokens=2_097_152, lr=6e-3),
+                train_tokens=16_777_216, lr=6e-3, schedule="wsd", warmup_tokens=102_400, cooldown=0.2,
+                precision="fp32"),
         ZooSpec(name="mistral-6l", family="mistral",
                 description="The deeper base: 6 Mistral layers with grouped-query attention and "
                 "a 64-token sliding window; DUS gives 6 to 12 layers.",

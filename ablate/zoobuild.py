@@ -29,7 +29,7 @@ from pathlib import Path
 from ablate.data import load_packed
 from ablate.errors import UserError, cli
 from ablate.fsutil import ablate_home, waiting_lock
-from ablate.zoo import (POLL_S, ZOO, ZooSpec, build, data_args, install_shipped, is_built, ship, spec_of,
+from ablate.zoo import (POLL_S, ZOO, ZooSpec, build, data_args, install_shipped, is_built, ship, shipped, spec_of,
                         zoo_dir, zoo_tokenizer)
 
 __all__ = ["build_many", "main"]
@@ -264,6 +264,8 @@ def _list() -> None:
             acc = " ".join(f"{v:.2f}" for v in info["synth_acc"].values())
             state = (f"built  {info['parameters']:>7,} params  val loss {info['final_val_loss']:.3f}  "
                      f"acc k1.. {acc}  {zoo_dir(name)}")
+        elif shipped(spec) is not None:
+            state = "shipped with ablate (installed on first use, no pretraining)"
         else:
             state = f"not built (python -m ablate.zoo build {name})"
         print(f"{name:<12} {spec.family:<8} {spec.num_layers:>2} layers x {spec.hidden_size:<4} {state}")

@@ -185,7 +185,7 @@ def test_failing_worker_raises_and_leaves_nothing(home, monkeypatch, capsys):
     assert zoo.is_built(good) and not zoo.is_built(bad)  # the build still running finished
     assert [p.name for p in (home / "zoo").iterdir()] == ["good"]
     with pytest.raises(UserError, match="jobs=0"):
-        zoobuild.build_many(["llama-4l"], jobs=0)
+        zoobuild.build_many(["mistral-6l"], jobs=0)  # not shipped: it would be built
 
 
 def _alive(group: int) -> list[str]:
@@ -250,3 +250,65 @@ def test_a_second_process_waits_for_the_first_builder_and_builds_nothing(home, m
         if first.poll() is None:
             first.kill()
     assert zoo.is_built(spec)
+
+
+def test_a_shipped_build_is_installed_checked_and_rebuilt_to_the_same_bits(home, monkeypatch, tmp_path):
+    """ship() copies a build into the package's shipped builds with sha256s; build() then installs it
+    without pretraining; a damaged file is a one-line error; --force pretrains it again, to the same
+    bytes (a CPU build is deterministic); a shipped build of another recipe is ignored."""
+    import ablate.train
+
+    monkeypatch.setattr(zoo, "SHIPPED", tmp_path / "shipped")
+    spec = zoo.micro_spec(schedule="wsd", warmup_tokens=512, precision="fp32")
+    monkeypatch.setitem(zoo.ZOO, "micro", spec)
+    built = zoo.build(spec, progress=False)
+    first = zoo._sha256(built / "model.safetensors")
+    target = zoo.ship(spec)
+    info = json.loads((target / "zoo.json").read_text())
+    assert info["sha256"]["model.safetensors"] == first and set(info["sha256"]) >= {"config.json", "tokenizer.json"}
+
+    real_training = ablate.train.continue_pretraining
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a shipped model was pretrained")
+
+    import shutil
+
+    shutil.rmtree(built)
+    monkeypatch.setattr(ablate.train, "continue_pretraining", no_training)
+    assert zoo.build("micro", progress=False) == built and zoo.is_built(spec)
+    assert zoo._sha256(built / "model.safetensors") == first
+    shutil.rmtree(built)
+    zoobuild.build_many(["micro"], progress=False)  # the study's path installs it too
+    assert zoo.is_built(spec)
+
+    (target / "model.safetensors").write_bytes(b"damaged")
+    shutil.rmtree(built)
+    with pytest.raises(UserError, match="shipped with ablate is damaged .*model.safetensors"):
+        zoo.build("micro", progress=False)
+    assert not built.exists()
+
+    monkeypatch.setattr(ablate.train, "continue_pretraining", real_training)
+    rebuilt = zoo.build(spec, progress=False, force=True)  # --force: from the recipe, never the shipped copy
+    assert zoo._sha256(rebuilt / "model.safetensors") == first
+
+    other = zoo.micro_spec(schedule="wsd", warmup_tokens=512, precision="fp32", lr=1e-3)
+    assert zoo.shipped(other) is None  # another recipe under the same name: not this build
+
+
+@pytest.mark.parametrize("name", ["llama-2l", "llama-4l"])
+def test_the_shipped_default_bases(name, tokenizer):
+    """The default study's bases ship with the package: their zoo.json names the current spec, every
+    file matches its sha256, the checkpoint loads, and it scores the accuracy per level its build
+    recorded on the same items."""
+    from transformers import AutoModelForCausalLM
+
+    spec = zoo.ZOO[name]
+    folder = zoo.shipped(spec)
+    assert folder is not None, f"{name}: no shipped build of the current spec"
+    info = json.loads((folder / "zoo.json").read_text())
+    assert all(zoo._sha256(folder / f) == h for f, h in info["sha256"].items())
+    assert info["tokens"] == spec.train_tokens and info["curve"][-1]["tokens"] == spec.train_tokens
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert model.config.num_hidden_layers == spec.num_layers
+    assert zoo._probe(model, tokenizer) == info["synth_acc"]
