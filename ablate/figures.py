@@ -214,8 +214,21 @@ def budget_tables(points, *, direction: str, bases: list[str] | None = None, uni
                       "pairs": str(int(g["pairs"])), "items": str(int(g["items"])),
                       "arm − control (95% CI)": _ci(g["arm_minus_control"], g["lo"], g["hi"]),
                       "verdict": g["verdict"]} for _, g in ordered(boot).iterrows()]
+    trend = stats.gap_trend(gaps, direction)
+    trend_rows = [{"base": t["base"], "arm": t["arm"],
+                   "gap, first budget": f"{_signed(t['first_gap'])} at {_budget(t['first_budget'], unit)}",
+                   "gap, last budget": f"{_signed(t['last_gap'])} at {_budget(t['last_budget'], unit)}",
+                   "per doubling": "-" if math.isnan(t["slope"]) else _signed(t["slope"]),
+                   "status": t["status"] + (f" from {_budget(t['pays_from'], unit)}" if t["status"] == "pays off"
+                                            else f" at ~{_budget(t['crossover'], unit)}"
+                                            if t["status"] == "extrapolated" else "")}
+                  for _, t in ordered(trend.assign(budget=0)).iterrows()]
     return {"gaps": pd.DataFrame(rows), "best": pd.DataFrame(best_rows), "spearman": pd.DataFrame(rho_rows),
-            "lr": pd.DataFrame(lr_rows), "items": pd.DataFrame(item_rows)}
+            "lr": pd.DataFrame(lr_rows), "items": pd.DataFrame(item_rows), "trend": pd.DataFrame(trend_rows)}
+
+
+def _signed(x: float) -> str:
+    return f"{x:+.4f}" if abs(x) >= 1e-3 or x == 0 else f"{x:+.1e}"
 
 
 TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -344,6 +357,13 @@ def _budget_sections(points, *, direction: str, bases: list[str], unit: str, bud
     out = [(f"Paired gap to the control (DUS at m = n/2, same CPT) at each budget point: arm − control over repeats "
             f"paired by data order, each arm at its chosen lr; {better} is better. Better or worse only where the "
             "95% t interval excludes 0, else cannot be ordered.", "tab:gaps", tables["gaps"])]
+    if budgets > 2:
+        out.append(("Where each arm's paired gap goes with the budget: the gap at the first and the last budget point, "
+                    "the least-squares change per doubling of the budget, and the status: pays off (from the first "
+                    "of the last points where the 95% interval excludes 0 in the arm's favour; measured), "
+                    "extrapolated (behind at the last point, and the straight line in log budget reaches 0 at the "
+                    "budget given: an extrapolation, not a measurement), or no crossover in sight.", "tab:trend",
+                    tables["trend"]))
     if budgets > 1:
         out.append(("The best m at each budget point against the runner-up (paired, 95% t interval); tied m: the m "
                     "whose paired interval with the best covers 0.", "tab:best-m", tables["best"]))

@@ -32,7 +32,7 @@ import numpy as np
 
 __all__ = ["CONFIDENCE", "ARMS", "points", "scored", "best_lr", "trials_at_best_lr", "paired", "verdict",
            "paired_gaps", "item_gaps", "best_m_by_budget", "arm_means", "rank_correlation", "arm_label",
-           "metric_direction", "is_arm"]
+           "metric_direction", "is_arm", "gap_trend"]
 
 CONFIDENCE = 0.95
 ARMS = ("dus", "moe")  # the built-in arms; every layer-plan operator ("llama_pro(2)") is an arm too (is_arm)
@@ -228,6 +228,65 @@ def paired_gaps(frame, metric: str = "objective", direction: str = "minimize"):
     # DUS by m first, then MoE, within each base and point
     return out.assign(_o=out["method"].ne("dus")).sort_values(["base", "budget", "_o", "m"], kind="stable") \
         .drop(columns="_o").reset_index(drop=True)
+
+
+TREND_COLUMNS = ["base", "method", "m", "arm", "points", "first_budget", "last_budget", "first_gap", "last_gap",
+                 "slope", "pays_from", "crossover", "status"]
+
+
+def gap_trend(gaps, direction: str = "minimize"):
+    """Where each arm's paired gap to the control goes with the budget (rows of :func:`paired_gaps`).
+
+    ``slope`` is the least-squares change of ``arm_minus_control`` per doubling of the budget (a line in
+    log2 budget over the measured points). ``status``:
+
+    - ``"pays off"``: from ``pays_from`` on, every measured point has the arm better with a 95% interval
+      that excludes zero (a measurement);
+    - ``"extrapolated"``: the arm is behind (or tied) at the last point but the line reaches zero past it,
+      at ``crossover`` (an extrapolation of a straight line in log budget: a guess to test, not a result);
+    - ``"no crossover in sight"``: behind or tied, and the line does not come back to zero;
+    - ``"ahead, not significant"``: better at the last point on the mean, with no interval excluding zero.
+
+    Fewer than three points: no line (``slope`` NaN), only the measured statuses.
+    """
+    import numpy as np
+    import pandas as pd
+
+    rows = []
+    sign = -1.0 if direction == "minimize" else 1.0  # sign * gap > 0: the arm is better
+    for (base, method, m), g in gaps.groupby(["base", "method", gaps["m"].fillna(-1)], sort=True):
+        g = g.sort_values("budget")
+        g = g[g["arm_minus_control"].notna()]
+        if g.empty:
+            continue
+        budgets = g["budget"].to_numpy(dtype=float)
+        gap = g["arm_minus_control"].to_numpy(dtype=float)
+        slope = crossover = pays_from = math.nan
+        better = (g["verdict"] == "better").to_numpy()
+        run = 0  # the trailing run of points where the arm is significantly better
+        while run < len(better) and better[len(better) - 1 - run]:
+            run += 1
+        if run:
+            pays_from = float(budgets[len(budgets) - run])
+        if len(g) >= 3 and budgets.min() > 0:
+            x = np.log2(budgets)
+            slope, intercept = np.polyfit(x, gap, 1)
+            if sign * gap[-1] <= 0 and sign * slope > 0:  # behind, and the line heads for zero
+                crossover = float(2 ** (-intercept / slope))
+        if run:
+            status = "pays off"
+        elif sign * gap[-1] > 0:
+            status = "ahead, not significant"
+        elif not math.isnan(crossover) and crossover > budgets[-1]:
+            status = "extrapolated"
+        else:
+            status = "no crossover in sight"
+            crossover = math.nan
+        rows.append({"base": base, "method": method, "m": math.nan if m < 0 else m, "arm": g["arm"].iloc[0],
+                     "points": len(g), "first_budget": float(budgets[0]), "last_budget": float(budgets[-1]),
+                     "first_gap": float(gap[0]), "last_gap": float(gap[-1]), "slope": float(slope),
+                     "pays_from": pays_from, "crossover": crossover, "status": status})
+    return pd.DataFrame(rows, columns=TREND_COLUMNS)
 
 
 ITEM_COLUMNS = ["base", "n", "budget", "task", "method", "m", "arm", "lr", "pairs", "items", "arm_mean",

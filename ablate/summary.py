@@ -79,6 +79,7 @@ def _budget_stats(points: list[dict], base: str, direction: str) -> dict | None:
                         strict=True):
         by_m.setdefault(int(m), []).append(float(value))
     gaps = stats.paired_gaps(chosen, "objective", direction)
+    trend = stats.gap_trend(gaps, direction)
     best = stats.best_m_by_budget(chosen, "objective", direction)
     rank = stats.rank_correlation(chosen, "objective")
     lr_of = {int(m): _plain(stats._lr_of(g)) for m, g in top[top["method"] == "dus"].groupby("m")}
@@ -98,6 +99,8 @@ def _budget_stats(points: list[dict], base: str, direction: str) -> dict | None:
                                               "best_minus_control", "control_lo", "control_hi", "control_pairs",
                                               "control_verdict", "tied", "m_lo", "m_hi"]),
                spearman=_records(rank, ["budget", "next_budget", "arms", "rho", "p"]),
+               trend=_records(trend, ["arm", "points", "first_budget", "last_budget", "first_gap", "last_gap",
+                                      "slope", "pays_from", "crossover", "status"]),
                lr_choices=_records(choices, ["budget", "arm", "method", "m", "lr", "val_loss", "repeats", "lrs",
                                              "tried"]),
                repeats=int(repeats.max()),
@@ -319,7 +322,23 @@ def _budget_lines(console, s: dict, direction: str, unit: str) -> list[str]:
         notes.append("one repeat per arm: no intervals (pairs need repeats >= 2; raise repeats)")
     if s.get("spearman"):
         notes.append(_spearman_line(s, unit))
+    notes += [_trend_line(t, unit) for t in s.get("trend") or [] if t["points"] > 2]
     return notes
+
+
+def _trend_line(t: dict, unit: str) -> str:
+    """One arm's gap against the budget, in words: measured where it pays off, labelled where extrapolated."""
+    def small(x) -> str:  # gaps of a few 1e-5 nats are common at small budgets
+        return f"{x:+.4f}" if abs(x) >= 1e-3 or x == 0 else f"{x:+.1e}"
+
+    head = (f"{t['arm']}: gap {small(t['first_gap'])} at {_budget(t['first_budget'], unit)} -> "
+            f"{small(t['last_gap'])} at {_budget(t['last_budget'], unit)} ({small(t['slope'])} per doubling)")
+    if t["status"] == "pays off":
+        return f"{head}: pays off from {_budget(t['pays_from'], unit)} (measured, 95% intervals exclude 0)"
+    if t["status"] == "extrapolated":
+        return (f"{head}: no crossover measured; a straight line in log budget reaches 0 at "
+                f"~{_budget(t['crossover'], unit)} (an extrapolation, not a measurement)")
+    return f"{head}: {t['status']}"
 
 
 def _failure_notes(study, space) -> list[str]:

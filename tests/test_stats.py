@@ -260,3 +260,34 @@ def test_item_bootstrap_by_hand():
     # items missing for a trial: that pair is left out, not guessed
     partial = {k: v for k, v in items.items() if k[0] != 11}
     assert stats.item_gaps(df, partial, tasks=["answer_k1"]).iloc[0]["pairs"] == 1
+
+
+def _gaps(rows):
+    import pandas as pd
+
+    return pd.DataFrame([{"base": "b", "n": 4, "budget": budget, "method": "dus", "m": m, "arm": f"DUS m={m}",
+                          "arm_minus_control": gap, "verdict": verdict}
+                         for m, points in rows.items() for budget, gap, verdict in points])
+
+
+def test_gap_trend_measures_where_an_arm_pays_off_and_labels_an_extrapolation():
+    import math
+
+    from ablate.stats import gap_trend
+
+    line = [(2 ** k, 0.006 - 0.001 * k, "worse") for k in (1, 2, 3, 4)]  # zero at 2^6 = 64
+    gaps = _gaps({0: line,
+                  1: [(2, 0.001, "worse"), (4, -0.001, "cannot be ordered"), (8, -0.002, "better"),
+                      (16, -0.003, "better")],
+                  3: [(2, 0.001, "worse"), (4, 0.002, "worse"), (8, 0.004, "worse")]})
+    trend = gap_trend(gaps, "minimize").set_index("m")
+    assert trend.loc[0, "status"] == "extrapolated" and trend.loc[0, "crossover"] == pytest.approx(64)
+    assert trend.loc[0, "slope"] == pytest.approx(-0.001) and math.isnan(trend.loc[0, "pays_from"])
+    assert trend.loc[1, "status"] == "pays off" and trend.loc[1, "pays_from"] == 8  # from the last run of "better"
+    assert trend.loc[3, "status"] == "no crossover in sight" and math.isnan(trend.loc[3, "crossover"])
+    # an accuracy (maximize): the same numbers mean the opposite
+    flipped = gap_trend(gaps.assign(verdict="cannot be ordered"), "maximize").set_index("m")
+    assert flipped.loc[3, "status"] == "ahead, not significant"
+    assert flipped.loc[0, "status"] == "ahead, not significant"  # +0.002 at the last point is ahead
+    two = gap_trend(_gaps({0: line[:2]}), "minimize")  # two points: no line
+    assert math.isnan(two["slope"].iloc[0]) and two["status"].iloc[0] == "no crossover in sight"
