@@ -29,7 +29,7 @@ from ablate.redundancy import study_redundancy
 from ablate.results import BUDGET_COLUMNS, load, load_budgets, open_study, read_items, study_dir_info
 
 __all__ = ["make_figures", "resolve_study_dir", "objective_label", "read_curves", "read_branches", "load_points",
-           "results_table", "budget_tables", "main"]
+           "results_table", "budget_tables", "numbers_tex", "main"]
 
 FINISHED = ("complete", "pruned", "fail")
 
@@ -323,7 +323,67 @@ def make_figures(study_dir: str | Path, out: str | Path, *, storage: str | None 
         tex.append(_latex(section, title, label=tag))
     atomic_write_text(out / "results.md", "\n".join(md))
     atomic_write_text(out / "results.tex", "\n".join(tex))
-    return written + [out / "results.md", out / "results.tex"]
+    atomic_write_text(out / "numbers.tex", numbers_tex(df, points, direction=direction, unit=unit))
+    return written + [out / "results.md", out / "results.tex", out / "numbers.tex"]
+
+
+def numbers_tex(df, points, *, direction: str, unit: str = "tokens") -> str:
+    """``numbers.tex``: every number a paper's prose cites, read from the study, as ``\\ablnum{KEY}``.
+
+    Keys (``B`` a base label, ``ARM`` an arm label such as ``DUS m=0`` or ``MoE``, ``P`` a budget point
+    as written in the tables, or ``last``): ``trials`` (complete, each arm at its chosen lr), ``budgets``, ``last``, ``train minutes`` (the
+    trials' summed wall time); ``B/nocpt``, ``B/control/P`` (the control's mean objective),
+    ``B/arm/ARM/P`` (an arm's mean), ``B/gap/ARM/P`` (the paired gap with its 95% interval),
+    ``B/verdict/ARM/P``, ``B/pairs/ARM/P``, ``B/best/P`` (the best m), ``B/trend/ARM`` and
+    ``B/slope/ARM`` (:func:`ablate.stats.gap_trend`), ``B/flops/ARM`` (CPT FLOPs at the last point). A
+    key the study lacks prints as a bold ``??``, so a stale citation shows on the page.
+    """
+    def put(key: str, value) -> str:
+        return f"\\expandafter\\def\\csname abl@{key}\\endcsname{{{value}}}"
+
+    def ci(mean, lo, hi) -> str:
+        if math.isnan(lo):
+            return _signed(mean)
+        return f"{_signed(mean)} [{_signed(lo)}, {_signed(hi)}]"
+
+    lines = ["% written by python -m ablate.figures: \\ablnum{KEY} prints one number of this study",
+             "\\providecommand{\\ablnum}[1]{\\ifcsname abl@#1\\endcsname\\csname abl@#1\\endcsname"
+             "\\else\\textbf{??}\\fi}"]
+    done = df[df["state"] == "complete"]
+    lines.append(put("trials", len(done)))
+    lines.append(put("train minutes", f"{done['wall_s'].astype(float).sum() / 60:.1f}" if "wall_s" in done else "??"))
+    scored = stats.scored(points) if len(points) else points
+    budgets = sorted(scored["budget"].unique()) if len(scored) else []
+    lines.append(put("budgets", ", ".join(_budget(b, unit) for b in budgets)))
+    if budgets:
+        lines.append(put("last", _budget(budgets[-1], unit)))
+    nocpt = df[(df["method"] == "nocpt") & (df["state"] == "complete")]
+    for base, g in nocpt.groupby("base"):
+        lines.append(put(f"{base}/nocpt", _fmt(g["objective"].astype(float).mean())))
+    gaps = stats.paired_gaps(points, "objective", direction) if len(points) else None
+    if gaps is not None and len(gaps):
+        last = gaps["budget"].max()
+        for _, g in gaps.iterrows():
+            for when in [_budget(g["budget"], unit)] + (["last"] if g["budget"] == last else []):
+                key = f"{g['base']}/{{}}/{g['arm']}/{when}"
+                lines += [put(key.format("gap"), ci(g["arm_minus_control"], g["lo"], g["hi"])),
+                          put(key.format("verdict"), g["verdict"]), put(key.format("pairs"), int(g["pairs"])),
+                          put(key.format("arm"), _fmt(g["arm_mean"])),
+                          put(f"{g['base']}/control/{when}", _fmt(g["control_mean"]))]
+        for _, t in stats.gap_trend(gaps, direction).iterrows():
+            status = t["status"] + (f" from {_budget(t['pays_from'], unit)}" if t["status"] == "pays off" else
+                                    f" at about {_budget(t['crossover'], unit)}" if t["status"] == "extrapolated"
+                                    else "")
+            lines += [put(f"{t['base']}/trend/{t['arm']}", status),
+                      put(f"{t['base']}/slope/{t['arm']}", "-" if math.isnan(t["slope"]) else _signed(t["slope"]))]
+        for _, b in stats.best_m_by_budget(points, "objective", direction).iterrows():
+            for when in [_budget(b["budget"], unit)] + (["last"] if b["budget"] == last else []):
+                lines.append(put(f"{b['base']}/best/{when}", int(b["best_m"])))
+    if len(scored):
+        top = scored[scored["budget"] == scored["budget"].max()]
+        for (base, method, m), g in top.groupby(["base", "method", top["m"].fillna(-1)]):
+            lines.append(put(f"{base}/flops/{stats.arm_label(method, m)}", f"{g['flops'].astype(float).mean():.3g}"))
+    return "\n".join(lines) + "\n"
 
 
 def load_points(study_dir: str | Path, df, *, storage: str | None = None):

@@ -151,7 +151,7 @@ def full_study(tmp_path_factory):
 
 def _expected(redundancy: bool = True) -> list[str]:
     names = FIGURES + (["redundancy"] if redundancy else [])
-    return sorted([f"{f}.{ext}" for f in names for ext in ("pdf", "png")] + ["results.md", "results.tex"])
+    return sorted([f"{f}.{ext}" for f in names for ext in ("pdf", "png")] + ["results.md", "results.tex", "numbers.tex"])
 
 
 def test_cli_writes_every_figure_and_table_identically_twice(full_study, tmp_path):
@@ -272,7 +272,7 @@ def test_multi_budget_study_figures_and_tables(home, tmp_path):
     paths = make_figures(study_dir, tmp_path / "out", redundancy=False)
     names = FIGURES + BUDGET_FIGURES
     assert sorted(p.name for p in paths) == sorted([f"{f}.{e}" for f in names for e in ("pdf", "png")] +
-                                                   ["results.md", "results.tex"])
+                                                   ["results.md", "results.tex", "numbers.tex"])
     assert all(p.stat().st_size > 500 for p in paths)
     md = (tmp_path / "out" / "results.md").read_text()
     assert "at the last budget point, each arm at the lr chosen on held-out loss" in md
@@ -284,6 +284,19 @@ def test_multi_budget_study_figures_and_tables(home, tmp_path):
 
     points = load_budgets(study_dir)
     tables = budget_tables(points, direction="minimize")
+    # numbers.tex: the numbers a paper cites, each the study's own (here the paired gap at the last point)
+    import re
+
+    from ablate.stats import best_lr, paired_gaps
+
+    numbers = dict(re.findall(r"\\csname abl@(.+?)\\endcsname\{(.*)\}$", (tmp_path / "out" / "numbers.tex").read_text(),
+                              flags=re.M))
+    gap = paired_gaps(best_lr(points)[0], "objective", "minimize")
+    last = gap[(gap["budget"] == 512) & (gap["arm"] == "DUS m=1")].iloc[0]
+    assert float(numbers["tiny/gap/DUS m=1/last"].split()[0]) == pytest.approx(last["arm_minus_control"], abs=1e-4)
+    assert numbers["tiny/verdict/DUS m=1/512"] == last["verdict"] and numbers["tiny/pairs/DUS m=1/last"] == "2"
+    assert numbers["budgets"] == "256, 512" and numbers["tiny/best/last"] in {"1", "2"}
+    assert "tiny/trend/MoE" in numbers and "tiny/nocpt" in numbers
     assert list(tables["gaps"]["pairs"]) == ["2"] * 4 and len(tables["lr"]) == 6
     assert set(tables["gaps"]["verdict"]) <= {"better", "worse", "cannot be ordered"}
     dus = int(points.loc[(points["method"] == "dus") & (points["m"] == 1), "trial"].iloc[0])
