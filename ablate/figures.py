@@ -239,11 +239,13 @@ def _latex(table, caption: str, label: str = "tab:results") -> str:
     align = "".join("l" if c in LEFT else "r" for c in table.columns)
     table = table.rename(columns=lambda c: c.replace("−", "-"))  # pdfLaTeX has no U+2212 without extra packages
     caption = "".join(TEX_SPECIAL.get(ch, ch) for ch in caption.replace("−", "-"))  # to_latex escapes cells only
-    return table.to_latex(index=False, escape=True, column_format=align, caption=caption, label=label)
+    text = table.to_latex(index=False, escape=True, column_format=align, caption=caption, label=label)
+    # a table wider than the text is scaled down to it (\\ablfit, defined at the top of results.tex)
+    return text.replace("\\begin{tabular}", "\\ablfit{\\begin{tabular}").replace("\\end{tabular}", "\\end{tabular}}")
 
 
 def make_figures(study_dir: str | Path, out: str | Path, *, storage: str | None = None, redundancy: bool = True,
-                 device: str = "cpu", rows: int = 32) -> list[Path]:
+                 device: str = "cpu", rows: int = 32, numbers_prefix: str = "") -> list[Path]:
     """Write every figure and both tables of a study to ``out``; return the written paths."""
     study_dir, out = Path(study_dir), Path(out)
     info = study_dir_info(study_dir)
@@ -313,7 +315,9 @@ def make_figures(study_dir: str | Path, out: str | Path, *, storage: str | None 
     caption = f"Study {name}: {description}; mean over seeds with a 95% t-interval, after the same CPT " \
               f"{'FLOPs' if unit == 'flops' else 'tokens'}{at}."
     md = [f"**{caption}**\n\n" + _markdown(table)]
-    tex = ["% written by python -m ablate.figures; needs \\usepackage{booktabs}\n" + _latex(table, caption)]
+    tex = ["% written by python -m ablate.figures; needs \\usepackage{booktabs,graphicx}\n"
+           "\\providecommand{\\ablfit}[1]{\\sbox0{#1}\\ifdim\\wd0>\\linewidth\\resizebox{\\linewidth}{!}{\\usebox0}"
+           "\\else\\usebox0\\fi}\n" + _latex(table, caption)]
     for title, tag, section in _budget_sections(points, direction=direction, bases=order, unit=unit,
                                                 budgets=budgets, items=read_items(study_dir)):
         if section.empty:
@@ -323,11 +327,12 @@ def make_figures(study_dir: str | Path, out: str | Path, *, storage: str | None 
         tex.append(_latex(section, title, label=tag))
     atomic_write_text(out / "results.md", "\n".join(md))
     atomic_write_text(out / "results.tex", "\n".join(tex))
-    atomic_write_text(out / "numbers.tex", numbers_tex(df, points, direction=direction, unit=unit))
+    atomic_write_text(out / "numbers.tex", numbers_tex(df, points, direction=direction, unit=unit,
+                                                       prefix=numbers_prefix))
     return written + [out / "results.md", out / "results.tex", out / "numbers.tex"]
 
 
-def numbers_tex(df, points, *, direction: str, unit: str = "tokens") -> str:
+def numbers_tex(df, points, *, direction: str, unit: str = "tokens", prefix: str = "") -> str:
     """``numbers.tex``: every number a paper's prose cites, read from the study, as ``\\ablnum{KEY}``.
 
     Keys (``B`` a base label, ``ARM`` an arm label such as ``DUS m=0`` or ``MoE``, ``P`` a budget point
@@ -335,10 +340,12 @@ def numbers_tex(df, points, *, direction: str, unit: str = "tokens") -> str:
     trials' summed wall time); ``B/nocpt``, ``B/control/P`` (the control's mean objective),
     ``B/arm/ARM/P`` (an arm's mean), ``B/gap/ARM/P`` (the paired gap with its 95% interval),
     ``B/verdict/ARM/P``, ``B/pairs/ARM/P``, ``B/best/P`` (the best m), ``B/trend/ARM`` and
-    ``B/slope/ARM`` (:func:`ablate.stats.gap_trend`), ``B/flops/ARM`` (CPT FLOPs at the last point). A
-    key the study lacks prints as a bold ``??``, so a stale citation shows on the page.
+    ``B/slope/ARM`` and ``B/crossover/ARM`` (:func:`ablate.stats.gap_trend`), ``B/flops/ARM`` (CPT FLOPs at the last point). A
+    key the study lacks prints as a bold ``??``, so a stale citation shows on the page. ``prefix`` P makes
+    every key P/KEY, so one paper can cite several studies.
     """
     def put(key: str, value) -> str:
+        key = f"{prefix.rstrip('/')}/{key}" if prefix else key
         return f"\\expandafter\\def\\csname abl@{key}\\endcsname{{{value}}}"
 
     def ci(mean, lo, hi) -> str:
@@ -374,6 +381,8 @@ def numbers_tex(df, points, *, direction: str, unit: str = "tokens") -> str:
             status = t["status"] + (f" from {_budget(t['pays_from'], unit)}" if t["status"] == "pays off" else
                                     f" at about {_budget(t['crossover'], unit)}" if t["status"] == "extrapolated"
                                     else "")
+            if not math.isnan(t["crossover"]):
+                lines.append(put(f"{t['base']}/crossover/{t['arm']}", _budget(t["crossover"], unit)))
             lines += [put(f"{t['base']}/trend/{t['arm']}", status),
                       put(f"{t['base']}/slope/{t['arm']}", "-" if math.isnan(t["slope"]) else _signed(t["slope"]))]
         for _, b in stats.best_m_by_budget(points, "objective", direction).iterrows():
@@ -455,6 +464,8 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
                         "every base model once; cached in <study>/redundancy.json)")
     parser.add_argument("--device", default="auto", help="device for the redundancy pass: auto, cpu, cuda")
     parser.add_argument("--rows", type=int, default=32, help="held-out rows for the redundancy pass (default 32)")
+    parser.add_argument("--numbers-prefix", default="", metavar="P",
+                        help="numbers.tex keys become P/KEY (one paper citing several studies)")
     args = parser.parse_args(argv)
     if args.rows < 1:
         raise UserError(f"--rows {args.rows}: use at least one held-out row, e.g. --rows 32")
@@ -465,7 +476,7 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     check_writable(Path(args.out))  # --out naming a file, or a folder that cannot be written: one line now
     device = resolve_device(args.device) if not args.no_redundancy else "cpu"
     paths = make_figures(study_dir, args.out, storage=args.storage, redundancy=not args.no_redundancy,
-                         device=device, rows=args.rows)
+                         device=device, rows=args.rows, numbers_prefix=args.numbers_prefix)
     print(f"wrote {len(paths)} files to {args.out}")
     return 0
 
