@@ -82,7 +82,7 @@ def _time_passes(model, precision: str, ids: torch.Tensor, steps: int) -> float:
     for _ in range(steps):
         t0 = time.perf_counter()
         with autocast:
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         best = min(best, time.perf_counter() - t0)
         model.zero_grad(set_to_none=True)

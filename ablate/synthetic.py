@@ -327,7 +327,7 @@ def accuracy(model, tokenizer, items: Sequence[dict], *, batch_size: int = 256) 
             chunk = rows[start:start + batch_size]
             width = max(map(len, chunk))
             ids = torch.tensor([r + [0] * (width - len(r)) for r in chunk], device=device)  # right padding
-            logp = model(input_ids=ids).logits.float().log_softmax(-1)
+            logp = model(input_ids=ids, use_cache=False).logits.float().log_softmax(-1)
             # log p(token t | tokens < t) for t = 1..width-1, summed over each choice's tokens
             token_logp = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
             t = torch.arange(1, width, device=device)

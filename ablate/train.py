@@ -461,7 +461,7 @@ def _val_loss(model, data: PackedData, config: TrainConfig, accelerator, autocas
             idx = mine[i:i + config.micro_batch_size]
             ids = torch.from_numpy(np.asarray(data.val[idx], dtype=np.int64)).to(accelerator.device)
             with autocast():
-                logits = model(input_ids=ids).logits
+                logits = model(input_ids=ids, use_cache=False).logits
             loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                 reduction="sum")
@@ -595,7 +595,9 @@ def continue_pretraining(model: torch.nn.Module, data: PackedData, config: Train
             sync = contextlib.nullcontext() if last else accelerator.no_sync(ddp_model)
             with sync:
                 with autocast():
-                    outputs = forward(input_ids=ids, labels=ids)
+                    # no KV cache: transformers builds one whenever config.use_cache is on (copying every
+                    # layer's keys and values) and training never reads it; Trainer turns it off too
+                    outputs = forward(input_ids=ids, labels=ids, use_cache=False)
                 accelerator.backward(outputs.loss / budget.accum_steps)
             aux = getattr(outputs, "aux_loss", None)
             has_aux = aux is not None

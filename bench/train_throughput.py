@@ -1,6 +1,6 @@
 """CPU training throughput: ablate's continue_pretraining vs a default transformers.Trainer.
 
-    python bench/train_throughput.py                 # about 3 minutes on 2 busy cores
+    python bench/train_throughput.py                 # about 5 minutes on 2 cores (2 runs per arm)
     python bench/train_throughput.py --compile       # ablate arm with torch.compile (slow here:
                                                      # ~110 s to compile, no steady-state gain)
 
@@ -80,7 +80,7 @@ def run_ablate(steps: int, tokens_per_step: int, micro: int, compile: bool) -> d
     rows = steps * tokens_per_step // SEQ
     data = PackedData(train=train_rows(rows), val=train_rows(micro), seq_len=SEQ, source="random")
     config = TrainConfig(tokens=steps * tokens_per_step, micro_batch_size=micro,
-                         tokens_per_step=tokens_per_step, eval_every=10**6, eval_rows=micro,
+                         tokens_per_step=tokens_per_step, eval_every=10**6, eval_early=0, eval_rows=micro,
                          compile=compile)
     with tempfile.TemporaryDirectory() as tmp:
         result = continue_pretraining(fresh_model(), data, config, out_dir=tmp, progress=False)
@@ -127,6 +127,7 @@ def main() -> None:
     parser.add_argument("--micro-batch-size", type=int, default=8, help="ablate arm (HF: 8)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the ablate arm")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="runs per arm, in alternating order (median reported)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -135,11 +136,20 @@ def main() -> None:
     measured = {"bf16": matmul_gflops(torch.bfloat16), "fp32": matmul_gflops(torch.float32)}
     ceilings = {dtype: gflops for dtype, (gflops, _) in measured.items()}
     ceiling_dtype = max(ceilings, key=ceilings.get)
-    ours = run_ablate(args.steps, args.tokens_per_step, args.micro_batch_size, args.compile)
-    hf = run_hf_trainer(args.steps, args.tokens_per_step, 8)
+    # the arms alternate (A B, then B A, ...) and each reports its median run: on a shared or
+    # thermally drifting machine a fixed order favours whichever arm runs first or last
+    runs: dict[str, list[dict]] = {"ablate": [], "hf": []}
+    for r in range(args.rounds):
+        for arm in (("ablate", "hf") if r % 2 == 0 else ("hf", "ablate")):
+            runs[arm].append(run_ablate(args.steps, args.tokens_per_step, args.micro_batch_size, args.compile)
+                             if arm == "ablate" else run_hf_trainer(args.steps, args.tokens_per_step, 8))
+    ours, hf = (sorted(runs[a], key=lambda x: x["tokens_per_s"])[(len(runs[a]) - 1) // 2] for a in ("ablate", "hf"))
 
     print(f"Llama 12x512, {params / 1e6:.1f}M params, seq {SEQ}, {args.tokens_per_step} tokens/step,"
-          f" {args.steps} steps, {torch.get_num_threads()} threads")
+          f" {args.steps} steps, {torch.get_num_threads()} threads, {args.rounds} alternating runs per arm "
+          f"(median; ablate {[round(x['tokens_per_s']) for x in runs['ablate']]}, "
+          f"Trainer {[round(x['tokens_per_s']) for x in runs['hf']]} tokens/s); bf16 native: "
+          f"{torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
     print(f"{'arm':<34}{'tokens/s':>10}{'GFLOP/s (6N)':>14}{'first step s':>14}")
     for name, arm in ((f"ablate ({ours['precision']}"
                        f"{', compiled' if args.compile else ''}, micro {args.micro_batch_size})", ours),
@@ -161,6 +171,8 @@ def main() -> None:
         "ceiling_fraction": round(6 * params * ours["tokens_per_s"] / (ceiling * 1e9), 3),
         "ablate_precision": ours["precision"], "compile": args.compile, "params": params,
         "load_avg": [round(load_before, 2), round(load_after, 2)],
+        "runs": {a: [round(x["tokens_per_s"], 1) for x in runs[a]] for a in runs},
+        "bf16_native": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
     }))
 
 
