@@ -108,22 +108,21 @@ class ZooSpec(BaseModel):
                            "study's data seed (0), so CPT reads documents the base never saw.")
 
 
+# The default's bases share one shape and one recipe: pretrained long (wsd, 16M tokens, fp32) and
+# shipped with the package; only the depth differs.
+_SHIPPED_RECIPE = dict(family="llama", hidden_size=64, intermediate_size=192, num_heads=4, num_kv_heads=4,
+                       train_tokens=16_777_216, lr=6e-3, schedule="wsd", warmup_tokens=102_400, cooldown=0.2,
+                       precision="fp32")
+
 ZOO: dict[str, ZooSpec] = {
     spec.name: spec
     for spec in [
-        # the default's bases: pretrained long (wsd, 16M tokens) and shipped with the package
-        ZooSpec(name="llama-2l", family="llama",
+        ZooSpec(name="llama-2l", num_layers=2, **_SHIPPED_RECIPE,
                 description="A saturated shallow base: 2 Llama layers, 16M tokens (101 per parameter); solves "
-                "k = 1 and 2, not 3 and 4, which a 4-layer model learns: depth is what it lacks.",
-                num_layers=2, hidden_size=64, intermediate_size=192, num_heads=4, num_kv_heads=4,
-                train_tokens=16_777_216, lr=6e-3, schedule="wsd", warmup_tokens=102_400, cooldown=0.2,
-                precision="fp32"),
-        ZooSpec(name="llama-4l", family="llama",
+                "k = 1 and 2, not 3 and 4, which a 4-layer model learns: depth is what it lacks."),
+        ZooSpec(name="llama-4l", num_layers=4, **_SHIPPED_RECIPE,
                 description="A base deep enough for the corpus: 4 Llama layers, 16M tokens (61 per parameter); "
-                "solves k = 1 to 4. DUS gives 2 (pruned) to 8 layers.",
-                num_layers=4, hidden_size=64, intermediate_size=192, num_heads=4, num_kv_heads=4,
-                train_tokens=16_777_216, lr=6e-3, schedule="wsd", warmup_tokens=102_400, cooldown=0.2,
-                precision="fp32"),
+                "solves k = 1 to 4. DUS gives 2 (pruned) to 8 layers."),
         ZooSpec(name="mistral-6l", family="mistral",
                 description="The deeper base: 6 Mistral layers with grouped-query attention and "
                 "a 64-token sliding window; DUS gives 6 to 12 layers.",
