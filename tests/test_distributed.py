@@ -93,6 +93,7 @@ def _files(folder: Path) -> dict[str, set[str]]:
     return {p.name: {f.name for f in p.iterdir()} for p in (folder / "trials").iterdir() if p.name.isdigit()}
 
 
+@pytest.mark.slow  # ~23 s; the default tier keeps test_fsdp_on_two_processes_matches_one_process
 def test_a_study_worker_of_two_processes_matches_one_process(home, tmp_path):
     kit = home
     config = kit.write(tmp_path, train={"tokens": 1024, "tokens_per_step": 512, "micro_batch_size": 8, "lr": 1e-3,

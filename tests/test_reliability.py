@@ -46,7 +46,9 @@ def arm_of(trial) -> tuple:
     return tuple(trial.user_attrs.get(k) for k in ARM_KEYS)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+# SIGTERM takes the same path as Ctrl-C (study._interrupt raises KeyboardInterrupt): slow tier, ~15 s
+@pytest.mark.parametrize("sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
+                         ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_stops_with_one_line_and_the_rerun_continues(home, tmp_path, sig):
     config = home.write(tmp_path, repeats=2)
     study_dir = tmp_path / "runs" / "tiny-study"

@@ -161,6 +161,7 @@ def _same_build(a: Path, b: Path) -> None:
         assert ma[key] == mb[key], key
 
 
+@pytest.mark.slow  # ~15 s; the default tier keeps the second-process and failing-worker tests of build_many
 def test_parallel_builds_match_in_process_builds(home, monkeypatch, tmp_path):
     specs = [zoo.micro_spec("micro-a"), zoo.micro_spec("micro-b", lr=1e-3, num_layers=3)]
     folders = zoobuild.build_many(specs, jobs=2, threads=1, progress=False)  # two worker processes
@@ -201,6 +202,7 @@ def _alive(group: int) -> list[str]:
     return alive
 
 
+@pytest.mark.slow  # ~14 s; the default tier keeps test_failing_worker_raises_and_leaves_nothing
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
 def test_ctrl_c_stops_every_worker(home):
     code = ("from ablate import zoo, zoobuild\n"  # two builds of ~10 s each
