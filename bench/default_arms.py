@@ -1,7 +1,7 @@
 """CPT throughput of the default study's arms: today's loop against the ways to make tiny models faster.
 
     python bench/default_arms.py                       # about 6 minutes on 2 quiet cores
-    python bench/default_arms.py --layers 4 12 --steps 60 --no-compile
+    python bench/default_arms.py --layers 4 8 12 --no-compile --rounds 3   # medians, about 6 minutes
 
 The default study trains width-64 Llamas of 4 to 12 layers on 8 rows of 128 tokens per step. Such
 models are bound by per-operation overhead, not by matmul FLOPs, so they run far below the CPU's
@@ -16,7 +16,8 @@ fraction of the fp32 matmul ceiling measured in the same run, for these variants
 - ``2 procs x 1 thread``: two trainings side by side, one thread each, as two study workers would
   run two trials (``--storage journal:...`` with two workers): the sum of their tokens/s.
 
-Ratios are to ``today`` of the same depth, measured in one run.
+Ratios are to ``today`` of the same depth, measured in one run; with ``--rounds R`` each variant runs R
+times in rotating order and reports its median.
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the steady state")
     parser.add_argument("--no-compile", action="store_true", help="leave out the compiled variant")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each variant, in rotating order (median)")
     args = parser.parse_args()
     fp32, size = matmul_gflops(torch.float32)
     print(f"CPU bf16 native: {bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())}; fp32 matmul ceiling "
@@ -106,22 +108,31 @@ def main() -> None:
         variants = {"today": (False, None), "1 thread": (False, 1), "2 procs x 1 thread": None}
         if not args.no_compile:
             variants["compiled"] = (True, None)
+        # the variants in a rotating order over --rounds, each reported by its median: this machine's
+        # speed drifts by +-15% between runs, more than some of the differences measured
+        runs: dict[str, list[dict]] = {name: [] for name in variants}
+        names = list(variants)
+        for r in range(args.rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                how = variants[name]
+                threads = torch.get_num_threads()
+                t0 = time.perf_counter()
+                result = side_by_side(layers, args.steps, args.warmup) if how is None else \
+                    train(layers, args.steps, args.warmup, *how)
+                torch.set_num_threads(threads)
+                runs[name].append({**result, "wall_s": time.perf_counter() - t0})
         base = None
-        for name, how in variants.items():
-            threads = torch.get_num_threads()
-            t0 = time.perf_counter()
-            r = side_by_side(layers, args.steps, args.warmup) if how is None else \
-                train(layers, args.steps, args.warmup, *how)
-            torch.set_num_threads(threads)
-            wall = time.perf_counter() - t0
+        for name in names:
+            r = sorted(runs[name], key=lambda x: x["tokens_per_s"])[(len(runs[name]) - 1) // 2]
             base = base or r["tokens_per_s"]
             frac = flops_per_token(r["params"], layers) * r["tokens_per_s"] / (fp32 * 1e9)
             rows.append({"layers": layers, "variant": name, "tokens_per_s": round(r["tokens_per_s"]),
                          "vs_today": round(r["tokens_per_s"] / base, 3), "ceiling_fraction": round(frac, 4),
-                         "first_steps_s": round(r["first_steps_s"], 1), "wall_s": round(wall, 1)})
+                         "first_steps_s": round(r["first_steps_s"], 1), "wall_s": round(r["wall_s"], 1),
+                         "runs": [round(x["tokens_per_s"]) for x in runs[name]]})
             print(f"{layers:>3} layers  {name:<20}{r['tokens_per_s']:>9,.0f} tok/s  {r['tokens_per_s'] / base:5.2f}x "
-                  f"today  {frac:6.1%} of fp32 ceiling  first {args.warmup} steps {r['first_steps_s']:6.1f} s",
-                  flush=True)
+                  f"today  {frac:6.1%} of fp32 ceiling  first {args.warmup} steps {r['first_steps_s']:6.1f} s  "
+                  f"runs {[round(x['tokens_per_s']) for x in runs[name]]}", flush=True)
     print(json.dumps({"fp32_gflops": round(fp32, 1), "rows": rows}))
 
 
