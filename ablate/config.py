@@ -22,6 +22,7 @@ from ablate.plan import PlanError, parse_plan
 from ablate.train import TrainConfig
 
 __all__ = ["StudyConfig", "BaseConfig", "load_study_config", "parse_config", "DEFAULT_CONFIG", "rung_points",
+           "config_changes",
            "prunable"]
 
 DEFAULT_CONFIG = Path(__file__).parent / "studies" / "default.yaml"
@@ -304,6 +305,30 @@ class StudyConfig(Strict):
                              f"{train.tokens} and before the last; add a budget point budgets[0] * reduction_factor**k "
                              "there, or lower pruner.min_fraction or pruner.reduction_factor")
         return self
+
+
+def config_changes(recorded: object, mine: dict, limit: int = 4) -> str:
+    """Where a study's recorded config (a dumped dict) and ``mine`` differ, for a one-line error:
+    ``train.lr, eval.tasks_at (new in this ablate)``. A key the recorded config lacks was added
+    to ablate after the study started; with several differences, the first ``limit`` and a count."""
+    changes: list[str] = []
+
+    def walk(old, new, path: str) -> None:
+        if isinstance(old, dict) and isinstance(new, dict) and (set(old) & set(new) or not (old or new)):
+            for key in sorted(set(old) | set(new), key=str):
+                where = f"{path}.{key}" if path else str(key)
+                if key not in old:
+                    changes.append(f"{where} (new in this ablate)")
+                elif key not in new:
+                    changes.append(f"{where} (no longer in this ablate)")
+                elif old[key] != new[key]:
+                    walk(old[key], new[key], where)
+        elif old != new:
+            changes.append(path or "the whole config")
+
+    walk(recorded, mine, "")
+    shown = ", ".join(changes[:limit])
+    return shown + (f" and {len(changes) - limit} more" if len(changes) > limit else "")
 
 
 def rung_points(budgets: list[int], reduction_factor: int) -> list[int]:

@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ablate import base as bases
-from ablate.config import StudyConfig
+from ablate.config import StudyConfig, config_changes
 from ablate.data import load_packed, tokenizer_fingerprint
 from ablate.errors import UserError
 from ablate.fsutil import check_writable
@@ -99,9 +99,14 @@ def _recorded(config: StudyConfig, study_dir: Path, out: Path) -> str | None:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{info_path} is not valid JSON; restore it, or start a new study with --study NAME") \
             from None
-    if not isinstance(info, dict) or info.get("config") != config.model_dump(mode="json"):
-        raise UserError(f"study {config.name!r} in {out} was run with another config; rerun it with the same "
-                        "config, or start a new study with --study NAME")
+    mine = config.model_dump(mode="json")
+    if not isinstance(info, dict) or info.get("config") != mine:
+        changed = config_changes(info.get("config") if isinstance(info, dict) else None, mine)
+        advice = ("; a key new in this ablate means the study was started by an earlier version: continue it "
+                  "with that version, or start a new study with --study NAME") if "(new in this ablate)" in changed \
+            else "; rerun it with the same config, or start a new study with --study NAME"
+        raise UserError(f"study {config.name!r} in {out} was run with another config (differs in {changed})"
+                        + advice)
     return info.get("storage")
 
 

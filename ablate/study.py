@@ -31,7 +31,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ablate import distributed
-from ablate.config import load_study_config
+from ablate.config import config_changes, load_study_config
 from ablate.errors import UserError, cli
 from ablate.fsutil import atomic_dir, atomic_write_json
 from ablate.jobs import run_jobs
@@ -198,9 +198,8 @@ def _claim_config(study, config) -> None:
     if recorded is None:
         study.set_user_attr(CONFIG_ATTR, mine)
     elif recorded != mine:
-        changed = sorted(k for k in set(mine) | set(recorded) if mine.get(k) != recorded.get(k))
         raise UserError(f"study {config.name!r} in this storage runs another config (differs in "
-                        f"{', '.join(changed)}); use the same config, or another --study NAME")
+                        f"{config_changes(recorded, mine)}); use the same config, or another --study NAME")
 
 
 def _run(config, trials: int, plan: Plan, progress: bool, worker, storage, retry: bool = False,

@@ -154,3 +154,18 @@ def test_budget_points_on_the_command_line_replace_the_files_budget():
     with pytest.raises(UserError, match="must equal tokens=65536"):  # both given and disagreeing: say so
         load_study_config(None, ["train.schedule=wsd", "train.budgets=[1024,4096]", "train.warmup_tokens=0",
                                  "train.tokens=65536"])
+
+
+def test_config_changes_name_the_leaves_and_the_keys_a_later_ablate_added():
+    from ablate.config import config_changes
+
+    old = {"name": "s", "train": {"lr": 1e-3, "tokens": 10}, "eval": {"tasks": ["a"]}}
+    new = {"name": "s", "train": {"lr": 3e-3, "tokens": 10, "eval_early": 5}, "eval": {"tasks": ["a", "b"]}}
+    assert config_changes(old, new) == "eval.tasks, train.eval_early (new in this ablate), train.lr"
+    assert config_changes(new, old) == "eval.tasks, train.eval_early (no longer in this ablate), train.lr"
+    assert config_changes(old, old) == ""
+    assert config_changes(None, new) == "the whole config"
+    many = {"train": {f"k{i}": i for i in range(6)}}
+    assert config_changes({"train": {"k0": 0}}, many, limit=2) == \
+        "train.k1 (new in this ablate), train.k2 (new in this ablate) and 3 more"
+    assert config_changes({"other": 1}, new) == "the whole config"  # nothing in common: not a newer version's keys

@@ -256,7 +256,7 @@ def test_a_worker_with_another_config_is_refused_by_the_shared_storage(home, tmp
     first = parse_config(home.tree(train={**home.tree()["train"], "lr": 1e-3}))
     other = parse_config(home.tree(train={**home.tree()["train"], "lr": 5e-2}))
     run_study(first, trials=1, out=tmp_path / "a", storage=journal, progress=False)
-    with pytest.raises(UserError, match="runs another config \\(differs in train\\)"):
+    with pytest.raises(UserError, match="runs another config \\(differs in train.lr\\)"):
         run_study(other, trials=2, out=tmp_path / "b", storage=journal, progress=False)
 
     def started() -> int:  # queued controls aside
