@@ -46,14 +46,15 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def worker_threads(jobs: int) -> int:
-    """Torch threads per worker for ``jobs`` workers: the cores split evenly, one at least."""
+def worker_threads(jobs: int, threads: int | None = None) -> int:
+    """Torch threads per worker for ``jobs`` workers: ``threads`` when given (``--threads``), else
+    the cores split evenly, one at least."""
     if jobs < 1:
         raise UserError(f"--jobs {jobs}: a study needs at least one worker; e.g. --jobs 2")
     if jobs > cores():
         raise UserError(f"--jobs {jobs} on {cores()} cores: at most one worker per core; use --jobs {cores()} "
                         "or fewer (several machines: --storage postgresql://...)")
-    return cores() // jobs
+    return threads if threads is not None else cores() // jobs
 
 
 def jobs_storage(study_dir: Path, storage: str | None) -> str | None:
@@ -106,8 +107,9 @@ def _stop(procs: list[subprocess.Popen], sig: int, wait_s: float = 120.0) -> Non
 
 def run_jobs(config, *, config_path: str | None, overrides: list[str], jobs: int, trials: int, out: Path,
              storage: str | None, device: str, progress: bool, trust_remote_code: bool,
-             retry_failed: bool) -> dict:
-    """Run (or continue) the study with ``jobs`` worker processes here; return its summary.
+             retry_failed: bool, threads: int | None = None) -> dict:
+    """Run (or continue) the study with ``jobs`` worker processes here, ``threads`` torch threads
+    each (default: the cores split evenly); return its summary.
 
     Everything is validated here first (:func:`ablate.preflight.preflight`), so a bad input fails
     once, in one line, before any worker starts.
@@ -125,7 +127,7 @@ def run_jobs(config, *, config_path: str | None, overrides: list[str], jobs: int
     if os.environ.get("WORLD_SIZE", "1") != "1":
         raise UserError("--jobs starts its own workers; under torchrun each process is already one rank of a "
                         "worker: drop --jobs, or run several torchrun commands on one --storage")
-    threads = worker_threads(jobs)
+    threads = worker_threads(jobs, threads)
     check_installed(config.log_with)  # as run_study: a missing tracker fails before anything is written
     study_dir = Path(out) / config.name
     journal = jobs_storage(study_dir, storage)

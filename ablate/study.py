@@ -313,7 +313,8 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
                              "(default 1); small models run nearly N times the tokens/s. A new study then keeps "
                              "its trials in journal:<out>/<study>/study.log")
     parser.add_argument("--threads", type=int, default=None, metavar="K",
-                        help="torch threads of this process (default: one per core)")
+                        help="torch threads of this process, or of each worker with --jobs (default: one per "
+                             "core, split evenly between the --jobs workers)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow hub models to run their own code; needed (with trust_remote_code: true in "
                              "the config) for architectures transformers does not ship")
@@ -344,7 +345,7 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
             run_jobs(config, config_path=args.config, overrides=overrides, jobs=args.jobs, trials=args.trials,
                      out=Path(args.out).expanduser(), storage=args.storage, device=args.device,
                      progress=not args.quiet, trust_remote_code=args.trust_remote_code,
-                     retry_failed=args.retry_failed)
+                     retry_failed=args.retry_failed, threads=args.threads)
         else:
             run_study(config, trials=args.trials, out=args.out, storage=args.storage, device=args.device,
                       progress=not args.quiet, trust_remote_code=args.trust_remote_code,

@@ -122,3 +122,9 @@ def test_a_new_study_gets_a_journal_in_its_folder_and_an_existing_one_keeps_its_
     study_dir.mkdir()
     (study_dir / "study.json").write_text("{}")
     assert jobs.jobs_storage(study_dir, None) is None  # the recorded one
+
+
+def test_threads_per_worker_split_the_cores_unless_given(monkeypatch):
+    monkeypatch.setattr(jobs, "cores", lambda: 8)
+    assert [jobs.worker_threads(n) for n in (1, 2, 3, 8)] == [8, 4, 2, 1]
+    assert jobs.worker_threads(2, threads=1) == 1  # --threads: each worker's, as given
