@@ -63,6 +63,17 @@ def one_line(exc: BaseException, limit: int = 500, *, with_type: bool = False) -
     return (text or type(exc).__name__)[:limit]
 
 
+def _line(text: str) -> None:
+    """Write one line to stderr in a single write.
+
+    ``print`` writes the text and the newline separately, and under ``PYTHONUNBUFFERED=1`` each
+    becomes its own write(2): the ranks of a torchrun then interleave their error lines on one
+    pipe. A single write under PIPE_BUF bytes is atomic, so every rank's line stays whole.
+    """
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def cli(main: F) -> F:
     """Decorate a CLI ``main``: a :class:`UserError` becomes ``error: <message>`` and exit code 2.
 
@@ -75,15 +86,15 @@ def cli(main: F) -> F:
             code = main(*args, **kwargs)
         except UserError as exc:
             message = " ".join(str(exc).split())  # one line, whatever the message held
-            print(f"error: {message}", file=sys.stderr)
+            _line(f"error: {message}")
             sys.exit(2)
         except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
+            _line("interrupted")
             sys.exit(130)
         except OSError as exc:
             if not disk_full(exc):
                 raise
-            print(f"error: {disk_full_message(exc)}", file=sys.stderr)
+            _line(f"error: {disk_full_message(exc)}")
             sys.exit(2)
         sys.exit(code or 0)
 

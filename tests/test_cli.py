@@ -99,3 +99,33 @@ def test_help_imports_no_heavy_library():
     done = run([sys.executable, "-c", code])
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("heavy: []")
+
+
+class _Writes:
+    """A stderr that keeps each write call apart, as an unbuffered pipe does."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.calls.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("raised, expected", [(None, "error: bad input here\n"), (KeyboardInterrupt, "interrupted\n")])
+def test_the_error_line_is_one_write_so_ranks_cannot_interleave_it(raised, expected, monkeypatch):
+    """Under PYTHONUNBUFFERED=1 each write is a write(2); torchrun's ranks share one pipe, and a
+    line written as text then newline came out as two ranks' errors on one line (CI, stop 23)."""
+    from ablate.errors import UserError, cli
+
+    def main():
+        raise raised() if raised else UserError("bad   input\nhere")
+
+    stderr = _Writes()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    with pytest.raises(SystemExit):
+        cli(main)()
+    assert stderr.calls == [expected]
