@@ -598,11 +598,14 @@ def continue_pretraining(model: torch.nn.Module, data: PackedData, config: Train
                     # no KV cache: transformers builds one whenever config.use_cache is on (copying every
                     # layer's keys and values) and training never reads it; Trainer turns it off too
                     outputs = forward(input_ids=ids, labels=ids, use_cache=False)
-                accelerator.backward(outputs.loss / budget.accum_steps)
-            aux = getattr(outputs, "aux_loss", None)
+                # keep the loss, drop the logits before backward: autograd does not need them (the loss
+                # saved its log-softmax), and holding them through backward and the optimizer step costs
+                # rows x seq_len x vocab floats of peak memory (Trainer drops them the same way)
+                step_loss, aux = outputs.loss, getattr(outputs, "aux_loss", None)
+                del outputs
+                accelerator.backward(step_loss / budget.accum_steps)
             has_aux = aux is not None
-            losses += torch.stack([outputs.loss.detach().float(),
-                                   aux.detach().float() if aux is not None else losses[1] * 0])
+            losses += torch.stack([step_loss.detach().float(), aux.detach().float() if aux is not None else losses[1] * 0])
         losses = accelerator.reduce(losses, reduction="mean") / budget.accum_steps
         max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)

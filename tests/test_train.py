@@ -156,6 +156,20 @@ def test_two_cpu_runs_give_bit_identical_weights():
     assert not torch.equal(weights[0]["lm_head.weight"], tiny_model(num_layers=2).lm_head.weight)
 
 
+def test_the_logits_are_freed_before_backward():
+    """Holding the model output through backward kept rows x seq x vocab logits alive for no use:
+    143 MB of peak memory at vocab 32k, 8 x 128 tokens (measured). Each backward must find the
+    micro-batch's logits already gone."""
+    import weakref
+
+    model, alive = tiny_model(), []
+    logits: list[weakref.ref] = []
+    model.register_forward_hook(lambda m, a, out: logits.append(weakref.ref(out.logits)) if m.training else None)
+    model.lm_head.weight.register_post_accumulate_grad_hook(lambda p: alive.append(logits[-1]() is not None))
+    continue_pretraining(model, random_data(), small_config(), progress=False)
+    assert len(alive) == 8 and not any(alive)  # 4 steps x 2 micro-batches
+
+
 def test_non_finite_loss_stops_with_status_diverged():
     model = tiny_model(num_layers=2)
     calls = []
