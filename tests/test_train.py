@@ -170,6 +170,30 @@ def test_the_logits_are_freed_before_backward():
     assert len(alive) == 8 and not any(alive)  # 4 steps x 2 micro-batches
 
 
+@pytest.mark.slow  # a cold torch.compile: ~30 s here (~10 s from the on-disk cache)
+def test_compiled_layers_train_like_eager_and_leave_the_model_eager(tmp_path):
+    """train.compile: layers (accelerate's compile_regions) follows the eager run's losses to float
+    rounding, in one compile for two depths, and leaves the model itself uncompiled for evaluation."""
+    runs = {}
+    for mode, layers in ((False, 2), ("layers", 2), ("layers", 3)):
+        model = tiny_model(num_layers=layers)
+        result = continue_pretraining(model, random_data(), small_config(compile=mode), out_dir=tmp_path / f"{mode}{layers}",
+                                      progress=False)
+        runs[mode, layers] = [r["train_loss"] for r in read_metrics(tmp_path / f"{mode}{layers}") if "train_loss" in r]
+        assert not any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in model.modules())
+        assert result.status == "completed"
+    assert runs[False, 2] == pytest.approx(runs["layers", 2], rel=1e-4)
+    assert runs["layers", 2] != runs["layers", 3]  # the second depth ran its own layers through the shared graph
+
+
+def test_compiled_layers_refuse_several_processes(monkeypatch):
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    with pytest.raises(UserError, match="compile: layers trains in one process"):
+        continue_pretraining(tiny_model(num_layers=2), random_data(), small_config(compile="layers"), progress=False)
+
+
 def test_non_finite_loss_stops_with_status_diverged():
     model = tiny_model(num_layers=2)
     calls = []
