@@ -13,8 +13,11 @@ fraction of the fp32 matmul ceiling measured in the same run, for these variants
 - ``today``: the study's loop as it runs now (torch's default threads: 2 here);
 - ``1 thread``: one OpenMP thread;
 - ``compiled``: ``train.compile: true`` (torch.compile; its one-off compile time is printed apart);
-- ``2 procs x 1 thread``: two trainings side by side, one thread each, as two study workers would
-  run two trials (``--storage journal:...`` with two workers): the sum of their tokens/s.
+- ``2 procs x 1 thread``: two trainings side by side, one thread each, as ``--jobs 2`` runs two
+  trials: the sum of their tokens/s;
+- ``2 procs, layers compiled``: the same with ``train.compile: layers`` (each decoder layer compiled
+  on its own, one graph for every depth; the compile, ~3 s from torch's on-disk cache and ~20 s
+  without it, falls in the ``--warmup`` steps left out).
 
 Ratios are to ``today`` of the same depth, measured in one run; with ``--rounds R`` each variant runs R
 times in rotating order and reports its median.
@@ -48,7 +51,7 @@ def model(layers: int):
                                         max_position_embeddings=SEQ))
 
 
-def train(layers: int, steps: int, warmup: int, compile: bool, threads: int | None) -> dict:
+def train(layers: int, steps: int, warmup: int, compile: bool | str, threads: int | None) -> dict:
     """Train ``steps`` steps; steady tokens/s from metrics.jsonl's per-step clock, after ``warmup`` steps."""
     from ablate.data import PackedData
     from ablate.train import TrainConfig, continue_pretraining
@@ -74,11 +77,11 @@ def _worker(args, queue) -> None:
     queue.put(train(*args))
 
 
-def side_by_side(layers: int, steps: int, warmup: int) -> dict:
+def side_by_side(layers: int, steps: int, warmup: int, compile: bool | str = False) -> dict:
     """Two one-thread trainings at once in two processes: their summed steady tokens/s."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=((layers, steps, warmup, False, 1), queue)) for _ in range(2)]
+    procs = [ctx.Process(target=_worker, args=((layers, steps, warmup, compile, 1), queue)) for _ in range(2)]
     for p in procs:
         p.start()
     results = [queue.get() for _ in procs]
@@ -105,7 +108,9 @@ def main() -> None:
           f"{fp32:.1f} GFLOP/s ({size}^3); torch threads {torch.get_num_threads()}; fp32 training")
     rows = []
     for layers in args.layers:
-        variants = {"today": (False, None), "1 thread": (False, 1), "2 procs x 1 thread": None}
+        # None: two processes side by side (the tuple's compile mode), else (compile, threads) in this one
+        variants = {"today": (False, None), "1 thread": (False, 1), "2 procs x 1 thread": (None, False),
+                    "2 procs, layers compiled": (None, "layers")}
         if not args.no_compile:
             variants["compiled"] = (True, None)
         # the variants in a rotating order over --rounds, each reported by its median: this machine's
@@ -117,7 +122,7 @@ def main() -> None:
                 how = variants[name]
                 threads = torch.get_num_threads()
                 t0 = time.perf_counter()
-                result = side_by_side(layers, args.steps, args.warmup) if how is None else \
+                result = side_by_side(layers, args.steps, args.warmup, how[1]) if how[0] is None else \
                     train(layers, args.steps, args.warmup, *how)
                 torch.set_num_threads(threads)
                 runs[name].append({**result, "wall_s": time.perf_counter() - t0})
@@ -130,7 +135,7 @@ def main() -> None:
                          "vs_today": round(r["tokens_per_s"] / base, 3), "ceiling_fraction": round(frac, 4),
                          "first_steps_s": round(r["first_steps_s"], 1), "wall_s": round(r["wall_s"], 1),
                          "runs": [round(x["tokens_per_s"]) for x in runs[name]]})
-            print(f"{layers:>3} layers  {name:<20}{r['tokens_per_s']:>9,.0f} tok/s  {r['tokens_per_s'] / base:5.2f}x "
+            print(f"{layers:>3} layers  {name:<26}{r['tokens_per_s']:>9,.0f} tok/s  {r['tokens_per_s'] / base:5.2f}x "
                   f"today  {frac:6.1%} of fp32 ceiling  first {args.warmup} steps {r['first_steps_s']:6.1f} s  "
                   f"runs {[round(x['tokens_per_s']) for x in runs[name]]}", flush=True)
     print(json.dumps({"fp32_gflops": round(fp32, 1), "rows": rows}))
