@@ -336,13 +336,13 @@ def numbers_tex(df, points, *, direction: str, unit: str = "tokens", prefix: str
     """``numbers.tex``: every number a paper's prose cites, read from the study, as ``\\ablnum{KEY}``.
 
     Keys (``B`` a base label, ``ARM`` an arm label such as ``DUS m=0`` or ``MoE``, ``P`` a budget point
-    as written in the tables, or ``last``): ``trials`` (complete, each arm at its chosen lr), ``budgets``, ``last``, ``train minutes`` (the
-    trials' summed wall time); ``B/nocpt``, ``B/control/P`` (the control's mean objective),
-    ``B/arm/ARM/P`` (an arm's mean), ``B/gap/ARM/P`` (the paired gap with its 95% interval),
-    ``B/verdict/ARM/P``, ``B/pairs/ARM/P``, ``B/best/P`` (the best m), ``B/trend/ARM`` and
-    ``B/slope/ARM`` and ``B/crossover/ARM`` (:func:`ablate.stats.gap_trend`), ``B/flops/ARM`` (CPT FLOPs at the last point). A
-    key the study lacks prints as a bold ``??``, so a stale citation shows on the page. ``prefix`` P makes
-    every key P/KEY, so one paper can cite several studies.
+    as written in the tables, or ``last``): ``trials`` (complete, each arm at its chosen lr), ``budgets``,
+    ``last``, ``train minutes`` (the trials' summed wall time); ``B/nocpt``, ``B/control/P`` (the
+    control's mean objective), ``B/arm/ARM/P`` (an arm's mean), ``B/gap/ARM/P`` (the paired gap with its
+    95% interval), ``B/verdict/ARM/P``, ``B/pairs/ARM/P``, ``B/best/P`` (the best m), ``B/trend/ARM`` and
+    ``B/slope/ARM`` and ``B/crossover/ARM`` (:func:`ablate.stats.gap_trend`), ``B/flops/ARM`` (CPT FLOPs
+    at the last point). A key the study lacks prints as a bold ``??``, so a stale citation shows on the
+    page. ``prefix`` P makes every key P/KEY, so one paper can cite several studies.
     """
     def put(key: str, value) -> str:
         key = f"{prefix.rstrip('/')}/{key}" if prefix else key

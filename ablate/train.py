@@ -619,7 +619,8 @@ def continue_pretraining(model: torch.nn.Module, data: PackedData, config: Train
                 del outputs
                 accelerator.backward(step_loss / budget.accum_steps)
             has_aux = aux is not None
-            losses += torch.stack([step_loss.detach().float(), aux.detach().float() if aux is not None else losses[1] * 0])
+            losses += torch.stack([step_loss.detach().float(),
+                                   aux.detach().float() if aux is not None else losses[1] * 0])
         losses = accelerator.reduce(losses, reduction="mean") / budget.accum_steps
         max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)

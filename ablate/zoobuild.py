@@ -29,8 +29,20 @@ from pathlib import Path
 from ablate.data import load_packed
 from ablate.errors import UserError, cli
 from ablate.fsutil import ablate_home, waiting_lock
-from ablate.zoo import (POLL_S, ZOO, ZooSpec, build, data_args, install_shipped, is_built, ship, shipped, spec_of,
-                        zoo_dir, zoo_tokenizer)
+from ablate.zoo import (
+    POLL_S,
+    ZOO,
+    ZooSpec,
+    build,
+    data_args,
+    install_shipped,
+    is_built,
+    ship,
+    shipped,
+    spec_of,
+    zoo_dir,
+    zoo_tokenizer,
+)
 
 __all__ = ["build_many", "main"]
 

@@ -154,8 +154,9 @@ def main() -> None:
     ours, hf = (sorted(runs[a], key=lambda x: x["tokens_per_s"])[(len(runs[a]) - 1) // 2] for a in ("ablate", "hf"))
 
     print(f"Llama 12x512, {params / 1e6:.1f}M params, seq {SEQ}, {args.tokens_per_step} tokens/step,"
-          f" {args.steps} steps, {torch.get_num_threads()} threads, {args.rounds} alternating runs per arm "
-          f"{', after a warm-up run of each' if args.warmup else ''} (median; ablate {[round(x['tokens_per_s']) for x in runs['ablate']]}, "
+          f" {args.steps} steps, {torch.get_num_threads()} threads, {args.rounds} alternating runs per arm"
+          f"{', after a warm-up run of each' if args.warmup else ''} "
+          f"(median; ablate {[round(x['tokens_per_s']) for x in runs['ablate']]}, "
           f"Trainer {[round(x['tokens_per_s']) for x in runs['hf']]} tokens/s); bf16 native: "
           f"{torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
     print(f"{'arm':<34}{'tokens/s':>10}{'GFLOP/s (6N)':>14}{'first step s':>14}")

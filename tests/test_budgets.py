@@ -258,9 +258,9 @@ def test_lm_eval_tasks_only_at_the_last_budget_point(home, tmp_path):
                         eval={"synthetic_tasks": True, "subset": 4, "tasks_at": "last",
                               "objective": {"kind": "answer_loss"}})
     run_study(load_study_config(config), trials=1, out=tmp_path / "runs", progress=False)
-    from ablate.results import load_budgets
-
     import pandas as pd
+
+    from ablate.results import load_budgets
 
     frame = load_budgets(tmp_path / "runs" / "last").set_index("budget_tokens")
     assert list(frame.index) == [256, 512]

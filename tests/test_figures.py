@@ -151,7 +151,8 @@ def full_study(tmp_path_factory):
 
 def _expected(redundancy: bool = True) -> list[str]:
     names = FIGURES + (["redundancy"] if redundancy else [])
-    return sorted([f"{f}.{ext}" for f in names for ext in ("pdf", "png")] + ["results.md", "results.tex", "numbers.tex"])
+    tables = ["results.md", "results.tex", "numbers.tex"]
+    return sorted([f"{f}.{ext}" for f in names for ext in ("pdf", "png")] + tables)
 
 
 def test_cli_writes_every_figure_and_table_identically_twice(full_study, tmp_path):

@@ -177,9 +177,9 @@ def test_compiled_layers_train_like_eager_and_leave_the_model_eager(tmp_path):
     runs = {}
     for mode, layers in ((False, 2), ("layers", 2), ("layers", 3)):
         model = tiny_model(num_layers=layers)
-        result = continue_pretraining(model, random_data(), small_config(compile=mode), out_dir=tmp_path / f"{mode}{layers}",
-                                      progress=False)
-        runs[mode, layers] = [r["train_loss"] for r in read_metrics(tmp_path / f"{mode}{layers}") if "train_loss" in r]
+        out = tmp_path / f"{mode}{layers}"
+        result = continue_pretraining(model, random_data(), small_config(compile=mode), out_dir=out, progress=False)
+        runs[mode, layers] = [r["train_loss"] for r in read_metrics(out) if "train_loss" in r]
         assert not any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in model.modules())
         assert result.status == "completed"
     assert runs[False, 2] == pytest.approx(runs["layers", 2], rel=1e-4)
