@@ -114,14 +114,8 @@ def run_jobs(config, *, config_path: str | None, overrides: list[str], jobs: int
     Everything is validated here first (:func:`ablate.preflight.preflight`), so a bad input fails
     once, in one line, before any worker starts.
     """
-    import optuna
-
-    from ablate.keep import Keeper
     from ablate.preflight import preflight
-    from ablate.results import write_csv
-    from ablate.search import SearchSpace
-    from ablate.storage import open_storage, storage_kind
-    from ablate.summary import print_summary
+    from ablate.storage import storage_kind
     from ablate.trackers import check_installed
 
     if os.environ.get("WORLD_SIZE", "1") != "1":
@@ -138,6 +132,8 @@ def run_jobs(config, *, config_path: str | None, overrides: list[str], jobs: int
     if storage_kind(plan.url) == "sqlite":
         raise UserError(f"study {config.name!r} keeps its trials in SQLite, which takes one worker; continue it "
                         "without --jobs, or start a new study with --jobs (--study NAME), which uses a journal")
+    if not retry_failed and _finished(plan.url, config.name, trials):
+        return _summary(config, plan, f"  {trials} trials finished already: no worker started")
     logs = plan.study_dir / ".workers"
     logs.mkdir(parents=True, exist_ok=True)  # also the study folder, where a new study's journal goes
     command = _worker_command(config_path, overrides, trials=trials, out=Path(out), url=plan.url, device=device,
@@ -173,26 +169,61 @@ def run_jobs(config, *, config_path: str | None, overrides: list[str], jobs: int
             raise UserError(line.removeprefix("error: "))
         raise SystemExit(f"error: worker {i} of {jobs} exited with status {code}: {line[:300]} (its log: "
                          f"{paths[i]}); rerun the same command to continue")
+    return _summary(config, plan, f"  {jobs} workers x {threads} torch thread{'s' * (threads > 1)}: "
+                                  f"{time.perf_counter() - start:,.0f} s")
+
+
+def _summary(config, plan, last_line: str) -> dict:
+    """The study's tables brought up to date and its summary printed, once, by this parent."""
+    import optuna
+
+    from ablate.keep import Keeper
+    from ablate.results import write_csv
+    from ablate.search import SearchSpace
+    from ablate.storage import open_storage
+    from ablate.summary import print_summary
+
     study = optuna.load_study(study_name=config.name, storage=open_storage(plan.url))
     write_csv(plan.study_dir, study)
     keeper = Keeper(plan.study_dir, config, plan.direction)
     keeper.refresh(study)
     summary = print_summary(study, SearchSpace(config, plan.depths), plan.study_dir)
     keeper.print_report(study)
-    print(f"  {jobs} workers x {threads} torch thread{'s' * (threads > 1)}: {time.perf_counter() - start:,.0f} s")
+    print(last_line)
     return summary
 
 
-def _failures(url: str, name: str) -> set[int]:
-    """The failed trials a study already holds (None of them is news to this run)."""
+def _existing(url: str, name: str):
+    """The study ``name`` in storage ``url``, or None when it does not exist yet."""
     import optuna
-    from optuna.trial import TrialState
 
     from ablate.storage import open_storage
 
     try:
-        study = optuna.load_study(study_name=name, storage=open_storage(url))
+        return optuna.load_study(study_name=name, storage=open_storage(url))
     except (KeyError, UserError, ValueError, OSError):  # a new study
+        return None
+
+
+def _finished(url: str, name: str, trials: int) -> bool:
+    """Whether the study already holds ``trials`` finished trials and none running: then a worker
+    would start, import torch and stop at once (11 s for nothing with two workers, measured)."""
+    from optuna.trial import TrialState
+
+    study = _existing(url, name)
+    if study is None:
+        return False
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    return TrialState.RUNNING not in states and sum(s in (TrialState.COMPLETE, TrialState.PRUNED)
+                                                    for s in states) >= trials
+
+
+def _failures(url: str, name: str) -> set[int]:
+    """The failed trials a study already holds (None of them is news to this run)."""
+    from optuna.trial import TrialState
+
+    study = _existing(url, name)
+    if study is None:
         return set()
     return {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
 

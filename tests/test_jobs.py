@@ -32,7 +32,8 @@ def _free(lock) -> bool:
 
 
 @needs_two_cores
-def test_two_jobs_share_a_new_study_in_a_journal_and_the_parent_prints_the_summary(home, tmp_path):
+def test_two_jobs_share_a_new_study_in_a_journal_and_the_parent_prints_the_summary(home, tmp_path, capsys,
+                                                                                   monkeypatch):
     config = home.write(tmp_path, repeats=2)  # 8 configurations
     study_dir = tmp_path / "runs" / "tiny-study"
     done = home.run(["--config", str(config), "--trials", "4", "--out", "runs", "--quiet", "--jobs", "2"], tmp_path)
@@ -50,6 +51,18 @@ def test_two_jobs_share_a_new_study_in_a_journal_and_the_parent_prints_the_summa
     assert (study_dir / "results.csv").read_text().count("\n") == len(trials) + 1
     assert all(_free(lock) for lock in (study_dir / ".workers").glob("*.lock"))  # no worker is left running
     assert "Study tiny-study" in (study_dir / ".workers" / "job-0.log").read_text()  # each worker's own output
+
+
+    def no_worker(*args, **kwargs):
+        raise AssertionError("a finished study started a worker")
+
+    monkeypatch.setattr(jobs.subprocess, "Popen", no_worker)  # the rerun: nothing left to run, no worker
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as ended:
+        main(["--config", str(config), "--trials", "4", "--out", "runs", "--quiet", "--jobs", "2"])
+    assert ended.value.code == 0
+    out = capsys.readouterr().out
+    assert out.count("Study tiny-study") == 1 and "4 trials finished already: no worker started" in out
 
 
 @pytest.mark.slow  # two runs of a parent and two workers: ~40 s on 2 shared cores
