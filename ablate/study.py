@@ -43,7 +43,7 @@ from ablate.storage import WORKER_ATTR, Worker, open_storage
 from ablate.summary import describe_arm, print_summary
 from ablate.synthetic import write_eval_tasks
 from ablate.trackers import TrialLogger, check_installed
-from ablate.train import plan_budget
+from ablate.train import check_processes, plan_budget
 from ablate.trial import Objective, TrialFailed, Workspace, run_trial
 
 __all__ = ["run_study", "main"]
@@ -132,9 +132,7 @@ def run_study(config, *, trials: int, out: str | Path = "runs", storage: str | N
                         "train.distributed: ddp")
     if group is not None:  # every rank: a budget that does not split over the processes is the config's error
         plan_budget(config.train, seq_len=config.data.seq_len, num_train_rows=sys.maxsize, num_processes=group.world)
-        if config.train.distributed == "fsdp" and config.train.eval_rows % group.world:
-            raise UserError(f"train.distributed: fsdp splits train.eval_rows={config.train.eval_rows} over "
-                            f"{group.world} processes; set train.eval_rows to a multiple of {group.world}")
+        check_processes(config.train, group.world)
     if group is not None and not group.main:
         return _follow(config, group, out, device)
     try:

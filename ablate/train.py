@@ -39,6 +39,7 @@ __all__ = [
     "StopTraining",
     "TrainConfig",
     "TrainResult",
+    "check_processes",
     "continue_pretraining",
     "lr_at",
     "wsd_lr_at",
@@ -392,6 +393,17 @@ def plan_budget(config: TrainConfig, *, seq_len: int, num_train_rows: int,
                   accum_steps=config.tokens_per_step // per_micro)
 
 
+def check_processes(config: TrainConfig, world: int) -> None:
+    """What this config cannot do over ``world`` processes, as a one-line error. A study checks it on
+    every rank before its first trial; :func:`continue_pretraining` again, for direct callers."""
+    if world > 1 and config.compile == "layers":  # the compiled copy would bypass DDP's and FSDP's forward
+        raise UserError(f"train.compile: layers trains in one process, this run has {world}; with a launcher "
+                        "use train.compile: true")
+    if config.distributed == "fsdp" and config.eval_rows % world:  # every rank runs as many forwards (collectives)
+        raise UserError(f"train.distributed: fsdp splits train.eval_rows={config.eval_rows} over {world} "
+                        f"processes; set train.eval_rows to a multiple of {world}")
+
+
 def resolve_precision(precision: str, device: torch.device, model=None, *, micro_batch: int = 8,
                       seq_len: int = 128) -> str:
     """'auto' -> what trains ``model`` fastest on ``device`` (:func:`ablate.precision.choose`)."""
@@ -539,9 +551,7 @@ def continue_pretraining(model: torch.nn.Module, data: PackedData, config: Train
     if fsdp and not torch.distributed.is_initialized():
         raise UserError("train.distributed: fsdp needs a process group; launch with torchrun --nproc_per_node G "
                         "-m ablate.study ... (or accelerate launch), or set train.distributed: ddp")
-    if fsdp and config.eval_rows % world:  # every rank must run as many forward passes (collectives)
-        raise UserError(f"train.distributed: fsdp splits eval_rows={config.eval_rows} over {world} processes; set "
-                        f"train.eval_rows to a multiple of {world}")
+    check_processes(config, world)
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -561,10 +571,7 @@ def continue_pretraining(model: torch.nn.Module, data: PackedData, config: Train
         optimizer = _optimizer(model, config)
         ddp_model, optimizer = accelerator.prepare(model, optimizer)
     forward = ddp_model
-    if config.compile == "layers":
-        if world > 1:  # the compiled copy shares the parameters but would bypass DDP's and FSDP's forward
-            raise UserError(f"train.compile: layers trains in one process, this run has {world}; with a "
-                            "launcher use train.compile: true")
+    if config.compile == "layers":  # one process (check_processes)
         from accelerate.utils import compile_regions
 
         forward = compile_regions(ddp_model)  # a copy that shares the parameters: ddp_model stays eager

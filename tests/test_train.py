@@ -26,6 +26,7 @@ from ablate.errors import UserError
 from ablate.train import (
     StopTraining,
     TrainConfig,
+    check_processes,
     continue_pretraining,
     early_eval_steps,
     lr_at,
@@ -184,6 +185,19 @@ def test_compiled_layers_train_like_eager_and_leave_the_model_eager(tmp_path):
         assert result.status == "completed"
     assert runs[False, 2] == pytest.approx(runs["layers", 2], rel=1e-4)
     assert runs["layers", 2] != runs["layers", 3]  # the second depth ran its own layers through the shared graph
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    ({"compile": "layers"}, 2, "train.compile: layers trains in one process, this run has 2"),
+    ({"distributed": "fsdp", "eval_rows": 7}, 2, "set train.eval_rows to a multiple of 2"),
+    ({"compile": "layers", "distributed": "fsdp", "eval_rows": 7}, 1, None),
+])
+def test_what_a_config_cannot_do_over_several_processes(overrides, world, message):
+    if message is None:
+        check_processes(small_config(**overrides), world)
+    else:
+        with pytest.raises(UserError, match=message):
+            check_processes(small_config(**overrides), world)
 
 
 def test_compiled_layers_refuse_several_processes(monkeypatch):
